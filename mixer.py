@@ -13,24 +13,32 @@ Weights are safetensors files whose tensor names are the official flax checkpoin
 names and the preprocessing, so a weights file is all a user needs.
 
 Copy this file into any project: it needs numpy plus the backend you use (Pillow for images).
+It downloads and converts the official checkpoints by itself (standard library only).
 
     import mixer
-    model = mixer.load("weights/Mixer-B_16-gsam.safetensors")
+    model = mixer.pretrained("B/16")  # gsam/Mixer-B_16.npz, downloaded and converted once
+    model = mixer.load("weights/gsam-Mixer-B_16.safetensors")
     print(model.classify(["cat.jpg"]))
 
-    python mixer.py cat.jpg --weights weights/Mixer-B_16-gsam.safetensors
+    python mixer.py cat.jpg --variant B/16
+    python mixer.py cat.jpg --weights weights/gsam-Mixer-B_16.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import math
 import os
 import platform
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,9 +90,11 @@ class MixerConfig:
     @property
     def variant(self) -> str | None:
         """The paper's name ("B/16") when the architecture is one of VARIANTS, else None."""
+        # compare fields, not replace(v, image_size=...): that raises when a variant's patch
+        # size does not divide this image size (a custom 20px model, B/16 at 400px)
+        arch = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
         for name, v in VARIANTS.items():
-            if dataclasses.replace(v, num_classes=self.num_classes,
-                                   image_size=self.image_size) == self:
+            if all(getattr(v, f) == getattr(self, f) for f in arch):
                 return name
         return None
 
@@ -93,8 +103,10 @@ class MixerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(d, dict) or not names.issuperset(d) or "patch_size" not in d:
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        if not isinstance(d, dict) or not names.issuperset(d) or not required.issubset(d):
             raise MixerError(f"bad Mixer config {d!r}: expected the keys {sorted(names)}")
         return cls(**d)
 
@@ -187,9 +199,9 @@ def check_shapes(config: MixerConfig, shapes: dict[str, tuple[int, ...]], what: 
 # The backend shim: every primitive the model uses, on one screen.
 #   asarray(np) -> backend array      numpy(a) -> np.ndarray
 #   dense(x, kernel, bias)            x @ kernel + bias over the last axis
-#   dense_tokens(x, kernel, bias)     the same Dense over axis 1: (B, S, C) -> (B, D, C)
 #   layer_norm(x, scale, bias)        over the last axis, eps LN_EPS
 #   gelu(x)                           tanh approximation
+#   swap(x)                           (B, M, N) -> (B, N, M): the paper's T, a view where possible
 #   patchify(x, p)                    (B, H, W, 3) -> (B, H/p * W/p, p * p * 3), row-major
 #   compile(fn)                       the backend's compiled version of fn(params, x)
 # Arithmetic (+), reshape and mean(axis) are the arrays' own, the same on all three.
@@ -200,8 +212,8 @@ def gelu_tanh(x, tanh):
 
 
 class NumpyOps:
-    """Inference with numpy alone: one GEMM per Dense over the whole batch, element-wise work
-    in place, token mixing as kernel.T @ x so no activation is ever transposed."""
+    """Inference with numpy alone: one GEMM per channel Dense over the whole batch, element-wise
+    work in place, and T as a free view, so token mixing copies no activation."""
     name = "numpy"
 
     def asarray(self, a):
@@ -211,13 +223,11 @@ class NumpyOps:
         return np.asarray(a)
 
     def dense(self, x, kernel, bias):
-        y = x @ kernel
+        if x.flags.c_contiguous:  # (B, S, C) as one (B*S, C) GEMM: ~20% faster than B small ones
+            y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[1])
+        else:  # T(x): per-image GEMMs on transposed views, which BLAS takes without a copy
+            y = x @ kernel
         y += bias
-        return y
-
-    def dense_tokens(self, x, kernel, bias):
-        y = np.matmul(kernel.T, x)  # (D, S) @ (B, S, C) -> (B, D, C)
-        y += bias[:, None]
         return y
 
     def layer_norm(self, x, scale, bias):
@@ -233,16 +243,19 @@ class NumpyOps:
         return y
 
     def gelu(self, x):
-        t = x * x
-        t *= 0.044715
+        # 0.5 * (1 + tanh(u)) == 1 / (1 + exp(-2u)): the same function in 7 passes instead of 9.
+        # exp overflows to inf for very negative x, and x / inf = -0 is the right limit.
+        with np.errstate(over="ignore"):
+            t = x * x
+            t *= -2.0 * GELU_C * 0.044715
+            t -= 2.0 * GELU_C
+            t *= x
+            np.exp(t, out=t)
         t += 1.0
-        t *= x
-        t *= GELU_C
-        np.tanh(t, out=t)
-        t += 1.0
-        t *= 0.5
-        t *= x
-        return t
+        return np.divide(x, t, out=t)
+
+    def swap(self, x):
+        return x.transpose(0, 2, 1)
 
     def patchify(self, x, p):
         return _patchify(x, p, lambda a, axes: a.transpose(axes))
@@ -266,8 +279,8 @@ class MlxOps:
     def dense(self, x, kernel, bias):
         return self.mx.addmm(bias, x, kernel) if x.ndim == 2 else x @ kernel + bias
 
-    def dense_tokens(self, x, kernel, bias):
-        return self.mx.swapaxes(kernel, 0, 1) @ x + bias[:, None]
+    def swap(self, x):
+        return self.mx.swapaxes(x, 1, 2)
 
     def layer_norm(self, x, scale, bias):
         return self.mx.fast.layer_norm(x, scale, bias, LN_EPS)
@@ -289,7 +302,9 @@ class TinygradOps:
         self.tg = _import_tinygrad()
 
     def asarray(self, a):
-        return self.tg.Tensor(np.ascontiguousarray(a, dtype=np.float32)).realize()
+        # np.array copies: tinygrad's OpenCL upload needs a writable buffer, and weights
+        # memory-mapped by read_safetensors are read-only
+        return self.tg.Tensor(np.array(a, dtype=np.float32, order="C")).realize()
 
     def numpy(self, a):
         return a.numpy()
@@ -297,8 +312,8 @@ class TinygradOps:
     def dense(self, x, kernel, bias):
         return x @ kernel + bias
 
-    def dense_tokens(self, x, kernel, bias):
-        return kernel.transpose(0, 1) @ x + bias.reshape(-1, 1)
+    def swap(self, x):
+        return x.transpose(1, 2)
 
     def layer_norm(self, x, scale, bias):
         return x.layernorm(axis=-1, eps=LN_EPS) * scale + bias
@@ -405,19 +420,20 @@ def get_ops(backend: str | None):
 # The model, written once. `params` maps the official names to backend arrays.
 
 
+def mlp(ops, params, prefix, x):
+    """MlpBlock: Dense_1(gelu(Dense_0(x))) over the last axis."""
+    x = ops.dense(x, params[prefix + "Dense_0/kernel"], params[prefix + "Dense_0/bias"])
+    return ops.dense(ops.gelu(x), params[prefix + "Dense_1/kernel"], params[prefix + "Dense_1/bias"])
+
+
 def mixer_block(ops, params, prefix, x):
-    p = lambda name: params[prefix + name]  # noqa: E731
-    # token mixing: an MLP over the S tokens, shared across channels. (B, S, C) -> (B, S, C)
-    y = ops.layer_norm(x, p("LayerNorm_0/scale"), p("LayerNorm_0/bias"))
-    y = ops.dense_tokens(y, p("token_mixing/Dense_0/kernel"), p("token_mixing/Dense_0/bias"))
-    y = ops.dense_tokens(ops.gelu(y), p("token_mixing/Dense_1/kernel"),
-                         p("token_mixing/Dense_1/bias"))
-    x = x + y
-    # channel mixing: an MLP over the C channels, shared across tokens.
-    y = ops.layer_norm(x, p("LayerNorm_1/scale"), p("LayerNorm_1/bias"))
-    y = ops.dense(y, p("channel_mixing/Dense_0/kernel"), p("channel_mixing/Dense_0/bias"))
-    y = ops.dense(ops.gelu(y), p("channel_mixing/Dense_1/kernel"), p("channel_mixing/Dense_1/bias"))
-    return x + y
+    """x: (B, S, C). Token mixing acts across the S tokens (shared over channels), then channel
+    mixing across the C channels (shared over tokens); both pre-norm with a residual."""
+    ln = lambda name, y: ops.layer_norm(y, params[prefix + name + "/scale"],  # noqa: E731
+                                        params[prefix + name + "/bias"])
+    y = ops.swap(ln("LayerNorm_0", x))  # (B, C, S)
+    x = x + ops.swap(mlp(ops, params, prefix + "token_mixing/", y))  # (B, S, C)
+    return x + mlp(ops, params, prefix + "channel_mixing/", ln("LayerNorm_1", x))
 
 
 def forward(ops, params, x, num_blocks: int, head: bool = True):
@@ -466,12 +482,17 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not isinstance(header, dict):
         raise MixerError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MixerError(f"{path}: not a safetensors file (__metadata__ must map str to str)")
     data_size = size - 8 - n
     buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if data_size else np.empty(0)
     tensors = {}
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not isinstance(dtype, str) or not all(type(v) is int and v >= 0
+                                                     for v in (*shape, begin, end)):
+                raise ValueError("dtype must be a string, shape and offsets non-negative ints")
         except (TypeError, KeyError, ValueError):
             raise MixerError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if dtype not in _DTYPES:
@@ -545,6 +566,15 @@ class atomic_write:
         except OSError as e:
             raise MixerError(f"cannot write {self.path}: {e.strerror or e}") from None
         self.file = os.fdopen(fd, "wb")
+        # mkstemp creates the file 0600: give it the mode open() would (0666 minus the umask),
+        # or the saved weights are unreadable to other users. Reading the umask sets it
+        # briefly; 0o077 keeps that instant safe for other threads.
+        umask = os.umask(0o077)
+        os.umask(umask)
+        try:
+            os.chmod(self.tmp, 0o666 & ~umask)
+        except OSError:  # filesystems without Unix permissions
+            pass
         return self.file
 
     def __exit__(self, kind, value, tb):
@@ -649,6 +679,38 @@ class Mixer:
     def numpy_params(self) -> dict[str, np.ndarray]:
         return {k: self._ops.numpy(v) for k, v in self.params.items()}
 
+    def at_resolution(self, image_size: int) -> "Mixer":
+        """This model for images K times larger (paper Appendix C; MIXER.md §6), K an integer.
+
+        Only the token-mixing MLPs change: each becomes K² block-diagonal copies of itself, one
+        per K x K tile of the token grid, so until fine-tuned the new model treats the tiles
+        independently: its logits are the mean of this model's logits on the K² tiles.
+        """
+        old = self.config.image_size
+        if not isinstance(image_size, int) or image_size < old or image_size % old:
+            raise MixerError(f"at_resolution needs an integer multiple of the current size "
+                             f"{old} (e.g. {2 * old}), got {image_size!r}")
+        k, g = image_size // old, old // self.config.patch_size  # K, old grid side
+        d = self.config.tokens_mlp_dim  # D_S
+        t = np.arange((k * g) ** 2)[:, None]  # every new token, row-major over the new grid
+        y, x = divmod(t, k * g)
+        q = (y // g) * k + x // g  # its tile
+        s = ((y % g) * g + x % g)[:, 0]  # its index inside the tile (the old token index)
+        cols = q * d + np.arange(d)  # (K²S, D_S): its tile's block of hidden units
+        params = self.numpy_params()
+        for i in range(self.config.num_blocks):
+            b = f"MixerBlock_{i}/token_mixing/"
+            dense_0 = np.zeros((k * k * g * g, k * k * d), np.float32)
+            dense_0[t, cols] = params[b + "Dense_0/kernel"][s]  # (S, D_S) rows, by s
+            dense_1 = np.zeros((k * k * d, k * k * g * g), np.float32)
+            dense_1[cols, t] = params[b + "Dense_1/kernel"][:, s].T  # (D_S, S) columns, by s
+            params[b + "Dense_0/kernel"], params[b + "Dense_1/kernel"] = dense_0, dense_1
+            params[b + "Dense_0/bias"] = np.tile(params[b + "Dense_0/bias"], k * k)
+            params[b + "Dense_1/bias"] = params[b + "Dense_1/bias"][s]
+        config = dataclasses.replace(self.config, image_size=image_size, tokens_mlp_dim=k * k * d)
+        return Mixer(config, params, backend=self.backend, labels=self.labels,
+                     preprocessing=self.preprocessing)
+
     def save(self, path: str, dtype: str = "float32", source: str | None = None) -> None:
         metadata = {"format": "mixer", "mixer.format_version": FORMAT_VERSION,
                     "mixer.config": json.dumps(self.config.to_dict()),
@@ -674,26 +736,28 @@ def load(path: str, backend: str | None = None) -> Mixer:
     """
     tensors, metadata = read_safetensors(path)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    if "mixer.config" in metadata:
-        try:
-            config = MixerConfig.from_dict(json.loads(metadata["mixer.config"]))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise MixerError(f"{path}: unreadable mixer.config metadata ({e})") from None
-    else:
-        config = infer_config(shapes)
+    config = _json_metadata(metadata, "mixer.config", path, dict)
+    config = infer_config(shapes) if config is None else MixerConfig.from_dict(config)
     check_shapes(config, shapes, str(path))
-    labels = _json_metadata(metadata, "mixer.labels", path)
-    preprocessing = _json_metadata(metadata, "mixer.preprocessing", path)
+    labels = _json_metadata(metadata, "mixer.labels", path, list)
+    if labels is not None and not all(isinstance(label, str) for label in labels):
+        raise MixerError(f"{path}: metadata 'mixer.labels' must be a JSON list of strings")
+    preprocessing = _json_metadata(metadata, "mixer.preprocessing", path, dict)
     return Mixer(config, tensors, backend=backend, labels=labels, preprocessing=preprocessing)
 
 
-def _json_metadata(metadata, key, path):
+def _json_metadata(metadata, key, path, kind):
+    """metadata[key] parsed as JSON of type `kind`, or None when absent."""
     if key not in metadata:
         return None
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except json.JSONDecodeError:
         raise MixerError(f"{path}: metadata {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise MixerError(f"{path}: metadata {key!r} must be a JSON {kind.__name__}, "
+                         f"got {type(value).__name__}")
+    return value
 
 
 def init_params(config: MixerConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -720,6 +784,301 @@ def init_params(config: MixerConfig, seed: int = 0) -> dict[str, np.ndarray]:
 def init(config: MixerConfig, seed: int = 0, backend: str | None = None) -> Mixer:
     """A Mixer with freshly initialised weights (as the official code), no file needed."""
     return Mixer(config, init_params(config, seed), backend=backend)
+
+
+# --------------------------------------------------------------------------------------------
+# Official checkpoints: the released .npz files (MIXER.md §3), their label names, and the
+# download cache behind `--variant`.
+
+# variant -> {source: file under WEIGHTS_URL}. The first source is the default: the best released
+# ImageNet-1k model of the variant, GSAM where released (the GSAM paper reports it above SAM
+# and plain training). imagenet21k files are pre-trained only: 21843-way heads.
+OFFICIAL_CHECKPOINTS = {
+    "S/8": {"gsam": "gsam/Mixer-S_8.npz"},
+    "S/16": {"gsam": "gsam/Mixer-S_16.npz"},
+    "S/32": {"gsam": "gsam/Mixer-S_32.npz"},
+    "B/16": {"gsam": "gsam/Mixer-B_16.npz", "sam": "sam/Mixer-B_16.npz",
+             "imagenet1k": "imagenet1k/Mixer-B_16.npz",
+             "imagenet21k": "imagenet21k/Mixer-B_16.npz"},
+    "B/32": {"gsam": "gsam/Mixer-B_32.npz", "sam": "sam/Mixer-B_32.npz"},
+    "L/16": {"imagenet1k": "imagenet1k/Mixer-L_16.npz",
+             "imagenet21k": "imagenet21k/Mixer-L_16.npz"},
+}
+WEIGHTS_URL = "https://storage.googleapis.com/mixer_models/"  # MIXER_WEIGHTS_URL overrides
+# Label sets by head size (MIXER.md §4), as text files with one name per line in class order.
+LABEL_SETS = {"imagenet1k": 1000, "imagenet21k": 21843}
+DOWNLOAD_ATTEMPTS = 3  # a dropped connection is retried (resumed) this many times in all
+
+
+def labels_dirs() -> list[str]:
+    """Where label files are looked for: labels/ beside this file (a checkout), then where
+    `pip install` puts them. A copy of mixer.py without them reports class indices."""
+    return [os.path.join(os.path.dirname(os.path.abspath(__file__)), "labels"),
+            os.path.join(sys.prefix, "share", "mlp-mixer", "labels")]
+
+
+def read_labels(path: str) -> list[str]:
+    """A UTF-8 text file with one class name per line, in class-index order."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MixerError(f"cannot read labels {path}: {getattr(e, 'strerror', None) or e}") \
+            from None
+
+
+def find_labels(spec: str | None, num_classes: int | None) -> list[str] | None:
+    """Class names for a head with num_classes outputs.
+
+    spec "auto": the ImageNet-1k names for 1000 classes, ImageNet-21k for 21843, else None; also
+    None when the label files are not found (callers then show class indices). "imagenet1k" or
+    "imagenet21k": that set, an error if not found. Any other string: a file, one name per line.
+    None or "none": no labels.
+    """
+    if spec is None or spec == "none":
+        return None
+    auto = spec == "auto"
+    if auto:
+        spec = next((name for name, n in LABEL_SETS.items() if n == num_classes), None)
+        if spec is None:
+            return None
+    if num_classes is None:
+        raise MixerError(f"labels {spec!r} given for a model without a head")
+    path = spec
+    if spec in LABEL_SETS:
+        found = [os.path.join(d, spec + ".txt") for d in labels_dirs()]
+        found = [p for p in found if os.path.isfile(p)]
+        if not found and auto:
+            return None
+        if not found:
+            raise MixerError(f"labels {spec!r} not found: expected {spec}.txt in "
+                             f"{' or '.join(labels_dirs())}")
+        path = found[0]
+    labels = read_labels(path)
+    if len(labels) != num_classes:
+        raise MixerError(f"{path} has {len(labels)} labels, expected {num_classes} (one per "
+                         f"class of the head)")
+    return labels
+
+
+def read_npz(path: str, name: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a numpy .npz archive as float32, never unpickling anything.
+
+    Anything else (not a zip, a pickled object array, a truncated or corrupt archive, a
+    non-float array) is a MixerError naming the file as `name` (default: path).
+    """
+    path, name = os.fspath(path), name or os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except IsADirectoryError:
+        raise MixerError(f"{name}: is a directory, expected an .npz file") from None
+    except OSError as e:
+        raise MixerError(f"cannot read {name}: {e.strerror or e}") from None
+    # Checked first: np.load would take any other file for a pickle and refuse it as one.
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise MixerError(f"{name}: not an .npz archive (a zip written by numpy.savez); found "
+                         f"{magic!r} where a zip starts with b'PK\\x03\\x04'")
+    arrays, key = {}, None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                a = npz[key]
+                if not isinstance(a, np.ndarray):  # a zip member that is not a .npy array
+                    raise MixerError(f"{name}: member {key!r} is not a numpy array: not an "
+                                     f"archive written by numpy.savez")
+                if a.dtype.kind != "f":
+                    raise MixerError(f"{name}: array {key!r} has dtype {a.dtype}, expected "
+                                     f"float32")
+                arrays[key] = a.astype(np.float32, copy=False)
+    except ValueError as e:
+        if key is None:
+            raise MixerError(f"{name}: corrupt .npz archive ({e})") from None
+        if "allow_pickle" in str(e):
+            raise MixerError(f"{name}: array {key!r} holds pickled Python objects; refusing to "
+                             f"load it (a checkpoint holds plain float arrays)") from None
+        raise MixerError(f"{name}: array {key!r} is corrupt ({e})") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise MixerError(f"{name}: truncated or corrupt .npz archive ({e}); fetch it again") \
+            from None
+    return arrays
+
+
+def load_npz(path: str, backend: str | None = None, labels: str | None = "auto",
+             head: bool = True, name: str | None = None) -> Mixer:
+    """An official checkpoint (.npz, MIXER.md §3) as a Mixer.
+
+    The architecture is read off the arrays, so every released file (and any Mixer saved the
+    same way) loads without naming its variant; then every key and shape is checked.
+    labels: see find_labels. head=False drops the classifier: a feature extractor.
+    """
+    name = name or os.fspath(path)
+    params = read_npz(path, name)
+    if not head:
+        params = {k: v for k, v in params.items() if k not in ("head/kernel", "head/bias")}
+    shapes = {k: v.shape for k, v in params.items()}
+    if "stem/kernel" not in shapes:
+        found = ", ".join(repr(k) for k in sorted(shapes)[:3]) or "no arrays"
+        raise MixerError(f"{name}: no 'stem/kernel' array, so not an official Mixer checkpoint "
+                         f"(found {found}{', ...' if len(shapes) > 3 else ''})")
+    try:
+        config = infer_config(shapes)
+    except MixerError as e:
+        raise MixerError(f"{name}: {e}") from None
+    check_shapes(config, shapes, name)
+    return Mixer(config, params, backend=backend, labels=find_labels(labels, config.num_classes))
+
+
+def official_checkpoint(variant: str, source: str | None = None) -> str:
+    """The released file for a variant ("gsam/Mixer-B_16.npz"); source None: the default."""
+    released = OFFICIAL_CHECKPOINTS.get(variant)
+    listing = "; ".join(f"{v}: {', '.join(s)}" for v, s in OFFICIAL_CHECKPOINTS.items())
+    if variant not in VARIANTS:
+        raise MixerError(f"unknown variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    if released is None:
+        raise MixerError(f"no official weights were released for Mixer-{variant}; released "
+                         f"(variant: sources): {listing}")
+    if source is None:
+        return next(iter(released.values()))
+    if source not in released:
+        raise MixerError(f"no {source!r} checkpoint of Mixer-{variant} was released; for "
+                         f"{variant} use --source {' or '.join(released)} (all released: "
+                         f"{listing})")
+    return released[source]
+
+
+def cache_dir() -> str:
+    """Where downloaded checkpoints are kept, converted: MIXER_HOME if set; else weights/ beside
+    this file when that folder exists and is writable (a checkout); else the user's cache."""
+    if os.environ.get("MIXER_HOME"):
+        return os.environ["MIXER_HOME"]
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+    if os.path.isdir(here) and os.access(here, os.W_OK):
+        return here
+    if sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Caches")
+    elif sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~/AppData/Local")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "mlp-mixer")
+
+
+def cache_path(checkpoint: str) -> str:
+    """The cached conversion of a released file. The same file names repeat across the
+    release's folders, so the folder is part of the name: gsam-Mixer-B_16.safetensors."""
+    stem = checkpoint[:-len(".npz")] if checkpoint.endswith(".npz") else checkpoint
+    return os.path.join(cache_dir(), stem.replace("/", "-") + ".safetensors")
+
+
+def pretrained(variant: str, source: str | None = None, backend: str | None = None,
+               progress=None) -> Mixer:
+    """The official checkpoint of a variant (see OFFICIAL_CHECKPOINTS), downloaded, checked and
+    converted on first use, then loaded from cache_path() with no network access.
+
+    progress(done, total) is called as the download proceeds (see download).
+    """
+    checkpoint = official_checkpoint(variant, source)
+    path = cache_path(checkpoint)
+    if not os.path.exists(path):
+        _download_official(variant, checkpoint, path, progress)
+    try:
+        model = load(path, backend=backend)
+    except MixerError as e:
+        raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
+    if model.labels is None:  # converted where the label files were missing; they may be here now
+        model.labels = find_labels("auto", model.config.num_classes)
+    return model
+
+
+def _download_official(variant, checkpoint, path, progress):
+    url = os.environ.get("MIXER_WEIGHTS_URL", WEIGHTS_URL).rstrip("/") + "/" + checkpoint
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # The raw .npz lives in a private temporary folder beside the cache (same disk, and
+        # gone afterwards whatever happens); only the converted file is kept.
+        scratch = tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-")
+    except OSError as e:
+        raise MixerError(f"cannot write to the weights cache {folder}: {e.strerror or e} "
+                         f"(set MIXER_HOME to a writable folder)") from None
+    with scratch as tmp:
+        npz = os.path.join(tmp, os.path.basename(checkpoint))
+        try:
+            download(url, npz, progress=progress)
+        except MixerError as e:
+            raise MixerError(f"{e}. To use a copy of {checkpoint} fetched elsewhere, run "
+                             f"`python convert.py {os.path.basename(checkpoint)} {path}` (this "
+                             f"cache), or pass a converted file with --weights") from None
+        model = load_npz(npz, backend="numpy", labels="auto", name=url)
+        expected = dataclasses.replace(VARIANTS[variant], num_classes=(
+            LABEL_SETS["imagenet21k"] if checkpoint.startswith("imagenet21k/") else 1000))
+        if model.config != expected:
+            found = (f"Mixer-{model.config.variant}" if model.config.variant else
+                     f"a custom Mixer {model.config.to_dict()}")
+            raise MixerError(f"{url} holds {found} with {model.config.num_classes} classes, not "
+                             f"the expected Mixer-{variant} with {expected.num_classes}; "
+                             f"refusing to cache it")
+        model.save(path, source=checkpoint)
+
+
+def download(url: str, path: str, progress=None, attempts: int = DOWNLOAD_ATTEMPTS,
+             timeout: float = 60.0) -> None:
+    """Fetches url into path, atomically: path appears only when the transfer is complete (its
+    size checked against Content-Length), never partly written.
+
+    A connection that drops mid-transfer is retried, resuming with an HTTP Range request where
+    the server supports it (else from the start); after `attempts` failures, or on an HTTP
+    error such as 404, the partial file is deleted. Standard library only (urllib).
+    progress(done, total) is called as bytes arrive; total is None when the server sends no size.
+    """
+    with atomic_write(path) as f:
+        for attempt in range(1, attempts + 1):
+            try:
+                done, total = _fetch(url, f, progress, timeout)
+                if total is None or done == total:
+                    return
+                problem = f"the connection closed after {done} of {total} bytes"
+            except urllib.error.HTTPError as e:
+                if e.code == 416:  # our Range was refused: start again from byte 0
+                    f.seek(0)
+                    f.truncate()
+                elif e.code < 500 and e.code not in (408, 429):  # retrying will not help
+                    raise MixerError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+                problem = f"HTTP {e.code} {e.reason}"
+            except urllib.error.URLError as e:  # no connection at all: offline, DNS, refused
+                raise MixerError(f"cannot download {url}: {e.reason}") from None
+            except (OSError, http.client.HTTPException) as e:  # dropped or stalled mid-transfer
+                problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if attempt < attempts:
+                time.sleep(0.5 * attempt)
+        raise MixerError(f"cannot download {url}: {problem} (tried {attempts} times)")
+
+
+def _fetch(url, f, progress, timeout):
+    """One GET that appends to f from f.tell(): returns (bytes in f, expected total or None)."""
+    done = f.tell()
+    headers = {"User-Agent": f"mlp-mixer (mixer.py format {FORMAT_VERSION})"}
+    if done:
+        headers["Range"] = f"bytes={done}-"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=timeout) as response:
+        content_range = response.headers.get("Content-Range", "")
+        if done and not (response.status == 206
+                         and content_range.startswith(f"bytes {done}-")):
+            f.seek(0)  # the server sent the whole file (or another range): start again
+            f.truncate()
+            done = 0
+        length = response.headers.get("Content-Length", "")
+        total = done + int(length) if length.isdigit() else None
+        if progress:
+            progress(done, total)
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    return done, total
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,7 +1152,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", choices=sorted(VARIANTS),
                         help="use the official checkpoint of this variant (downloaded once)")
     parser.add_argument("--source", choices=["gsam", "sam", "imagenet1k", "imagenet21k"],
-                        help="which official training run to use with --variant")
+                        help="which official training run to use with --variant (default: "
+                             "gsam where released, else imagenet1k)")
     parser.add_argument("--backend", choices=sorted(BACKENDS),
                         help="default: MIXER_BACKEND, else chosen by the machine")
     parser.add_argument("--top-k", type=int, default=5)
@@ -809,10 +1169,17 @@ def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k
     """The CLI as a function: returns the text it prints."""
     if top_k < 1:
         raise MixerError(f"--top-k must be at least 1, got {top_k}")
-    if weights is None:
-        raise MixerError("give --weights FILE.safetensors (convert an official .npz with "
-                         "convert.py)")
-    model = load(weights, backend=backend)
+    if weights is not None and variant is not None:
+        raise MixerError("give --weights FILE or --variant NAME, not both")
+    if source is not None and variant is None:
+        raise MixerError("--source picks an official checkpoint: use it with --variant")
+    if variant is not None:
+        model = _cli_pretrained(variant, source, backend)
+    elif weights is not None:
+        model = load(weights, backend=backend)
+    else:
+        raise MixerError("give --weights FILE.safetensors, or --variant (e.g. --variant B/16) to "
+                         "download the official checkpoint once")
     resize = resize or model.preprocessing.get("resize", "crop")
     batch = np.stack([preprocess(path, size=model.config.image_size, resize=resize)
                       for path in images])
@@ -831,6 +1198,51 @@ def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k
 
 
 _json_dumps = json.dumps  # run_cli's `json` argument shadows the module
+
+
+def _cli_pretrained(variant, source, backend):
+    """pretrained() with the CLI's notes on stderr; stdout stays the result (--json safe)."""
+    checkpoint = official_checkpoint(variant, source)
+    fresh = not os.path.exists(cache_path(checkpoint))
+    bar = _ProgressBar(checkpoint, sys.stderr)
+    try:
+        model = pretrained(variant, source, backend=backend, progress=bar if fresh else None)
+    finally:
+        bar.close()
+    if fresh:
+        print(f"mixer: converted {checkpoint} to {cache_path(checkpoint)}", file=sys.stderr)
+    if model.labels is None and model.config.num_classes in LABEL_SETS.values():
+        print(f"mixer: note: label files not found (looked in {' and '.join(labels_dirs())}): "
+              f"printing class indices", file=sys.stderr)
+    return model
+
+
+class _ProgressBar:
+    """download()'s progress callback for the CLI: a bar redrawn in place on a terminal, one
+    line otherwise so that logs stay readable."""
+
+    def __init__(self, name, stream):
+        self.name, self.stream, self.tty, self.drawn = name, stream, stream.isatty(), None
+
+    def __call__(self, done, total):
+        mib = f"{done / 2**20:.1f}" + (f"/{total / 2**20:.1f}" if total else "") + " MiB"
+        if not self.tty:
+            if self.drawn is None:
+                size = f" ({total / 2**20:.1f} MiB)" if total else ""
+                print(f"mixer: downloading {self.name}{size}", file=self.stream, flush=True)
+                self.drawn = ""
+            return
+        filled = 30 * done // total if total else 0
+        line = f"\r{self.name} [{'#' * filled}{'.' * (30 - filled)}] {mib}"
+        if line != self.drawn:
+            self.stream.write(line)
+            self.stream.flush()
+            self.drawn = line
+
+    def close(self):
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def main(argv=None) -> int:
