@@ -1,0 +1,86 @@
+"""Converts an official MLP-Mixer checkpoint (.npz) to mixer.py's safetensors format.
+
+The released files are at https://storage.googleapis.com/mixer_models/<dir>/<file> (see
+mixer.OFFICIAL_CHECKPOINTS). The architecture is read off the arrays and every key and shape is
+checked, so any released file converts without naming its variant. The output's metadata
+carries the config, the label names and the source file, so the .safetensors is all that
+`mixer.load` or `python mixer.py IMAGE --weights OUT` needs.
+
+    python convert.py Mixer-B_16.npz weights/gsam-Mixer-B_16.safetensors
+    python convert.py Mixer-L_16.npz weights/L_16-features.safetensors --no-head --dtype bfloat16
+
+The conversion itself is mixer.load_npz, so that a lone copy of mixer.py can do it too (that is
+how `python mixer.py IMAGE --variant B/16` converts its download).
+"""
+
+import argparse
+import os
+import sys
+
+import mixer
+
+
+def convert(npz: str, output: str, dtype: str = "float32", head: bool = True,
+            labels: str | None = "auto") -> mixer.Mixer:
+    """Reads npz, checks it, writes output atomically (never a partial file); returns the model.
+
+    labels: "auto" (ImageNet names for 1000 or 21843 classes), "imagenet1k", "imagenet21k", a
+    text file with one name per line, or "none". head=False drops the classifier.
+    """
+    model = mixer.load_npz(npz, backend="numpy", labels=labels, head=head)
+    model.save(output, dtype=dtype, source=_source(npz))
+    return model
+
+
+def _source(npz: str) -> str:
+    """What the metadata records as the source: "gsam/Mixer-B_16.npz" when the file sits in a
+    folder named like the release's folders, else just the file name."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(npz)))
+    released = {path.split("/")[0] for s in mixer.OFFICIAL_CHECKPOINTS.values()
+                for path in s.values()}
+    name = os.path.basename(npz)
+    return f"{folder}/{name}" if folder in released else name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convert", description="Convert an official MLP-Mixer .npz checkpoint to "
+                                    "mixer.py's .safetensors (config, labels and source included).")
+    parser.add_argument("npz", metavar="IN.npz", help="an official checkpoint, e.g. Mixer-B_16.npz")
+    parser.add_argument("output", metavar="OUT.safetensors")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="storage type of the weights (computation stays float32)")
+    parser.add_argument("--no-head", dest="head", action="store_false",
+                        help="drop the classifier: a feature extractor (pre-logits)")
+    parser.add_argument("--labels", default="auto", metavar="auto|imagenet1k|imagenet21k|FILE|none",
+                        help="class names to store: auto = ImageNet-1k names for 1000 classes, "
+                             "ImageNet-21k for 21843 (default)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = convert(**vars(args))
+    except mixer.MixerError as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convert: interrupted", file=sys.stderr)
+        return 130
+    config = model.config
+    name = f"Mixer-{config.variant}" if config.variant else f"custom Mixer {config.to_dict()}"
+    classes = f"{config.num_classes} classes" if config.num_classes else "no head"
+    names = "with label names" if model.labels else "no label names"
+    size = os.path.getsize(args.output) / 2**20
+    print(f"{args.output}: {name}, {config.image_size}px, {classes}, {names}, {args.dtype}, "
+          f"{size:.1f} MiB")
+    if model.labels is None and args.labels == "auto" and config.num_classes in \
+            mixer.LABEL_SETS.values():
+        print(f"convert: note: label files not found in {' or '.join(mixer.labels_dirs())}; "
+              f"the output reports class indices", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""`python mixer.py IMAGE --variant ...`: download, check, convert, cache, classify, against a
+local HTTP server (MIXER_WEIGHTS_URL) with a cache in a temporary folder (MIXER_HOME).
+
+Resume design under test: mixer.download retries a dropped transfer itself (DOWNLOAD_ATTEMPTS in
+all), asking for the missing bytes with a Range header, or starting again when the server
+ignores it. Nothing partial survives an invocation: after any failure the cache folder holds no
+file at all (the raw .npz only ever lives in a private temporary folder).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mixer
+from conftest import REPO
+from reference import random_params
+
+S32 = mixer.VARIANTS["S/32"]
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_bytes(config=S32, favourite=0) -> bytes:
+    """An official-format .npz whose head all but certainly picks class `favourite`."""
+    params = random_params(config, seed=0)
+    params["head/kernel"] *= 0.01
+    params["head/bias"][:] = 0.0
+    params["head/bias"][favourite] = 30.0
+    buffer = io.BytesIO()
+    np.savez(buffer, **params)
+    return buffer.getvalue()
+
+
+class Server:
+    """A local weights server. `files` maps URL paths to bytes; `drop_after` makes the first
+    `drops` responses stop after that many body bytes; `ranges` says whether Range is honoured."""
+
+    def __init__(self):
+        self.files, self.requests = {}, []
+        self.drop_after, self.drops, self.ranges, self.status = None, 0, True, 200
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                data = server.files.get(self.path)
+                if data is None or server.status != 200:
+                    self.send_error(404 if data is None else server.status)
+                    return
+                start = 0
+                range_ = self.headers.get("Range", "")
+                if server.ranges and range_.startswith("bytes=") and range_.endswith("-"):
+                    start = int(range_[len("bytes="):-1])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if server.drops > 0:  # send part of the body, then close the connection
+                    server.drops -= 1
+                    body = body[:server.drop_after]
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "img.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def run_mixer(args, url, home, script=os.path.join(REPO, "mixer.py"), cwd=REPO):
+    env = {**os.environ, "MIXER_WEIGHTS_URL": url, "MIXER_HOME": str(home),
+           "MIXER_BACKEND": "numpy", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def assert_one_line_error(result):
+    """Exit 2, nothing on stdout, and one error line on stderr (after the "downloading" line,
+    when the download had started)."""
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("mixer: error: "), result.stderr
+    assert all(line.startswith("mixer: downloading ") for line in lines[:-1]), result.stderr
+
+
+def top1(result) -> dict:
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)  # progress and notes went to stderr: stdout is pure JSON
+    return doc[0]["top_k"][0]
+
+
+# --------------------------------------------------------------------------------------------
+
+def test_download_convert_cache_classify(server, image, tmp_path):
+    server.files["/gsam/Mixer-S_32.npz"] = checkpoint_bytes()
+    home = tmp_path / "cache"
+    first = run_mixer([image, "--variant", "S/32", "--json"], server.url, home)
+    best = top1(first)
+    assert best["index"] == 0 and best["label"] == "tench, Tinca tinca"
+    assert best["probability"] > 0.99
+    assert server.requests == [("/gsam/Mixer-S_32.npz", None)]
+    assert "downloading gsam/Mixer-S_32.npz (72.9 MiB)" in first.stderr
+    assert os.listdir(home) == ["gsam-Mixer-S_32.safetensors"]  # no .npz, no temporary file
+
+    cached = mixer.load(home / "gsam-Mixer-S_32.safetensors", backend="numpy")
+    assert cached.config == S32 and cached.labels[0] == "tench, Tinca tinca"
+    assert mixer.read_safetensors(home / "gsam-Mixer-S_32.safetensors")[1]["mixer.source"] == \
+        "gsam/Mixer-S_32.npz"
+
+    second = run_mixer([image, "--variant", "S/32"], server.url, home)  # human-readable output
+    assert second.returncode == 0, second.stderr
+    assert len(server.requests) == 1  # the cache answered: no request
+    assert second.stderr == ""
+    assert second.stdout.splitlines()[1].endswith("tench, Tinca tinca")
+
+
+def test_source_and_variant_choices_are_explained(tmp_path, capsys):
+    image = "unused.jpg"
+    for argv, message in [
+            (["--variant", "L/32"], "no official weights were released for Mixer-L/32"),
+            (["--variant", "H/14"], "B/16: gsam, sam, imagenet1k, imagenet21k"),
+            (["--variant", "S/32", "--source", "sam"], "use --source gsam"),
+            (["--variant", "S/32", "--weights", "x.safetensors"], "not both"),
+            (["--source", "gsam"], "use it with --variant"),
+            ([], "--variant")]:
+        assert mixer.main([image, *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_default_sources():
+    assert mixer.official_checkpoint("B/16") == "gsam/Mixer-B_16.npz"
+    assert mixer.official_checkpoint("L/16") == "imagenet1k/Mixer-L_16.npz"
+    assert mixer.official_checkpoint("B/16", "imagenet21k") == "imagenet21k/Mixer-B_16.npz"
+    assert set(mixer.OFFICIAL_CHECKPOINTS) == set(mixer.VARIANTS) - {"L/32", "H/14"}
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXER_HOME", str(tmp_path / "home"))
+    assert mixer.cache_path("sam/Mixer-B_16.npz") == \
+        str(tmp_path / "home" / "sam-Mixer-B_16.safetensors")
+    monkeypatch.delenv("MIXER_HOME")
+    monkeypatch.setattr(mixer, "__file__", str(tmp_path / "alone" / "mixer.py"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):  # no weights/ beside this copy: the user's cache
+        assert mixer.cache_dir() == str(tmp_path / "xdg" / "mlp-mixer")
+    (tmp_path / "alone" / "weights").mkdir(parents=True)
+    assert mixer.cache_dir() == str(tmp_path / "alone" / "weights")
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["range", "no-range"])
+def test_dropped_connection_resumes(server, image, tmp_path, ranges):
+    data = checkpoint_bytes()
+    server.files["/gsam/Mixer-S_32.npz"] = data
+    server.drop_after, server.drops, server.ranges = 1_000_000, 1, ranges
+    home = tmp_path / "cache"
+    result = run_mixer([image, "--variant", "S/32", "--json"], server.url, home)
+    assert top1(result)["label"] == "tench, Tinca tinca"
+    # with Range: the second request asks for the rest only; without: the whole file again
+    assert server.requests == [("/gsam/Mixer-S_32.npz", None),
+                               ("/gsam/Mixer-S_32.npz", "bytes=1000000-")]
+    assert os.listdir(home) == ["gsam-Mixer-S_32.safetensors"]
+    assert mixer.load(home / "gsam-Mixer-S_32.safetensors", backend="numpy").config == S32
+
+
+def _break(server, how):
+    data = checkpoint_bytes()
+    if how == "drops every time":
+        server.files["/gsam/Mixer-S_32.npz"] = data
+        server.drop_after, server.drops = 1000, 99
+        return "connection closed after 3000 of"
+    if how == "404":
+        return "HTTP 404"
+    if how == "500":
+        server.files["/gsam/Mixer-S_32.npz"] = data
+        server.status = 500
+        return "HTTP 500"
+    if how == "garbage":
+        server.files["/gsam/Mixer-S_32.npz"] = np.random.default_rng(0).bytes(5000)
+        return "not an .npz archive"
+    if how == "truncated npz":
+        server.files["/gsam/Mixer-S_32.npz"] = data[:len(data) // 3]
+        return "truncated or corrupt"
+    if how == "another variant":  # a perfectly good checkpoint, but not S/32
+        server.files["/gsam/Mixer-S_32.npz"] = checkpoint_bytes(
+            mixer.MixerConfig(patch_size=8, hidden_dim=8, num_blocks=1, tokens_mlp_dim=4,
+                              channels_mlp_dim=8, num_classes=1000))
+        return "holds a custom Mixer"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["drops every time", "404", "500", "garbage", "truncated npz",
+                                 "another variant"])
+def test_failed_download_leaves_nothing(server, image, tmp_path, how):
+    message = _break(server, how)
+    home = tmp_path / "cache"
+    result = run_mixer([image, "--variant", "S/32"], server.url, home)
+    assert_one_line_error(result)
+    assert message in result.stderr
+    assert not home.exists() or os.listdir(home) == []  # no final, partial or temporary file
+    retried = how in ("drops every time", "500")
+    assert len(server.requests) == (mixer.DOWNLOAD_ATTEMPTS if retried else 1)
+    if how == "drops every time":  # each retry asked only for what was missing
+        assert [r for _, r in server.requests] == [None, "bytes=1000-", "bytes=2000-"]
+
+
+def test_no_network_says_how_to_convert_locally(image, tmp_path):
+    server = Server()
+    url = server.url
+    server.close()  # nothing listens there any more: connection refused, like being offline
+    home = tmp_path / "cache"
+    result = run_mixer([image, "--variant", "B/16"], url, home)
+    assert_one_line_error(result)
+    assert "python convert.py Mixer-B_16.npz" in result.stderr
+    assert str(home / "gsam-Mixer-B_16.safetensors") in result.stderr
+    assert "--weights" in result.stderr
+    assert not home.exists() or os.listdir(home) == []
+
+
+def test_lone_copy_of_mixer_py_downloads_and_reports_indices(server, image, tmp_path):
+    """mixer.py copied alone (no convert.py, no labels/) still downloads, converts and
+    classifies; without label files it prints class indices and says why on stderr."""
+    alone = tmp_path / "project"
+    alone.mkdir()
+    shutil.copy(os.path.join(REPO, "mixer.py"), alone)
+    server.files["/gsam/Mixer-S_32.npz"] = checkpoint_bytes()
+    # An installed copy of the labels (sys.prefix/share/mlp-mixer) would be found: hide it.
+    code = ("import sys, mixer; mixer.labels_dirs = lambda: [sys.argv[1]]; "
+            "sys.exit(mixer.main(sys.argv[2:]))")
+    env = {**os.environ, "MIXER_WEIGHTS_URL": server.url, "MIXER_HOME": str(tmp_path / "cache"),
+           "MIXER_BACKEND": "numpy", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    result = subprocess.run([sys.executable, "-c", code, str(alone / "labels"), image,
+                             "--variant", "S/32", "--top-k", "1"], capture_output=True,
+                            text=True, env=env, cwd=alone, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].endswith("class 0")
+    notes = [line for line in result.stderr.splitlines() if "label files not found" in line]
+    assert len(notes) == 1
+    assert sorted(os.listdir(alone)) == ["mixer.py"]
+
+
+def test_imagenet21k_names_on_the_command_line(tmp_path, image):
+    """A 21843-class checkpoint converted with --labels auto prints ImageNet-21k names."""
+    config = mixer.MixerConfig(patch_size=8, hidden_dim=4, num_blocks=1, tokens_mlp_dim=4,
+                               channels_mlp_dim=4, num_classes=21843, image_size=16)
+    npz = tmp_path / "Mixer-21k.npz"
+    npz.write_bytes(checkpoint_bytes(config, favourite=1))
+    out = tmp_path / "21k.safetensors"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "convert.py"), str(npz), str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = run_mixer([image, "--weights", str(out), "--json"], "http://unused/", tmp_path)
+    assert top1(result) == {**top1(result), "index": 1, "label": "benthos"}
+
+
+def test_download_from_a_local_mirror(tmp_path):
+    """MIXER_WEIGHTS_URL may be a file:// folder laid out like the release: an offline mirror."""
+    source = tmp_path / "mirror" / "gsam" / "Mixer-S_32.npz"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"0123456789" * 1000)
+    seen = []
+    mixer.download(source.as_uri(), str(tmp_path / "copy.npz"),
+                   progress=lambda done, total: seen.append((done, total)))
+    assert (tmp_path / "copy.npz").read_bytes() == source.read_bytes()
+    assert seen[0] == (0, 10_000) and seen[-1] == (10_000, 10_000)
+    assert sorted(os.listdir(tmp_path)) == ["copy.npz", "mirror"]
+
+
+def test_progress_bar_draws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream)
+    for done in (0, 2**20, 2**20, 2 * 2**20):
+        bar(done, 2 * 2**20)
+    bar.close()
+    frames = stream.getvalue().split("\r")[1:]
+    assert len(frames) == 3  # a repeated frame is not redrawn
+    assert frames[0] == "gsam/Mixer-S_32.npz [" + "." * 30 + "] 0.0/2.0 MiB"
+    assert frames[-1] == "gsam/Mixer-S_32.npz [" + "#" * 30 + "] 2.0/2.0 MiB\n"
