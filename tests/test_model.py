@@ -45,6 +45,19 @@ def test_small_matches_reference(backend, tol):
     check_against_reference(model, params, random_images(3, 20, seed=2), tol)
 
 
+def test_compiled_path_stays_exact(backend, tol):
+    """The fast paths (mx.compile; TinyJit, which runs normally once, captures on the second call
+    and replays captured kernels from the third) must give the reference outputs on every call,
+    each with new input data, and again after a change of batch size (a new compilation)."""
+    params = random_params(SMALL, seed=5)
+    model = mixer.Mixer(SMALL, params, backend=backend)
+    for seed, batch in enumerate([2, 2, 2, 2, 3, 3, 3, 2]):
+        x = random_images(batch, 20, seed=100 + seed)
+        logits, _ = reference_forward(params, x)
+        np.testing.assert_allclose(model(x), logits, rtol=0, atol=tol,
+                                   err_msg=f"call {seed + 1}, batch {batch}")
+
+
 def test_s32_matches_reference(backend, tol, s32_case):
     params, x, logits, pre_logits = s32_case
     model = mixer.Mixer(S32, params, backend=backend)
