@@ -1,0 +1,358 @@
+"""Benchmark: inference speed and memory of every backend, side by side with PyTorch eager.
+
+    python bench.py                          # S/32 and B/16 at 224, every installed backend
+    python bench.py --variants B/16 --backends numpy mlx --json bench.json
+
+Figures are measured in one run, with the backends interleaved round by round, so that a noisy,
+shared machine slows them all alike; compare them as ratios. Measured:
+  - the machine's float32 GEMM ceiling (a large numpy matmul) in GFLOP/s;
+  - steady-state throughput (images/s) at each batch size, and its GFLOP/s as a share of that
+    ceiling (FLOPs per image counted from the config, a multiply-add being 2 FLOPs);
+  - single-image latency (median);
+  - `python mixer.py IMG --weights F` wall time, first and second run, and its peak RSS beside the
+    weights file's size;
+  - training throughput for S/32, batch 32 (when train.py offers train_throughput).
+PyTorch, when importable, runs the same forward (same weights, tanh GELU, eps 1e-6) as a
+reference; it is never a dependency of the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import mixer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def flops_per_image(config: mixer.MixerConfig) -> int:
+    """Forward FLOPs (multiply-add = 2) of the GEMMs; element-wise work is not counted."""
+    s, c, p = config.num_tokens, config.hidden_dim, config.patch_size
+    ds, dc = config.tokens_mlp_dim, config.channels_mlp_dim
+    macs = s * p * p * 3 * c  # stem
+    macs += config.num_blocks * (2 * c * s * ds + 2 * s * c * dc)  # token + channel MLPs
+    macs += c * (config.num_classes or 0)  # head
+    return 2 * macs
+
+
+def gemm_ceiling(n: int = 2048, seconds: float = 3.0) -> float:
+    """Best GFLOP/s of an n x n float32 numpy matmul."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ a
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+class TorchMixer:
+    """The same forward in PyTorch eager (NCHW conv stem, as timm does), for comparison only."""
+
+    def __init__(self, config, params):
+        import torch
+        self.torch, self.config = torch, config
+        self.p = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+        # HWIO -> OIHW for conv2d; (in, out) -> (out, in) for F.linear
+        self.p["stem/kernel"] = self.p["stem/kernel"].permute(3, 2, 0, 1).contiguous()
+        for k in list(self.p):
+            if k.endswith("/kernel") and k != "stem/kernel":
+                self.p[k] = self.p[k].t().contiguous()
+        self.backend = "torch"
+
+    def __call__(self, x):
+        torch, F, p = self.torch, self.torch.nn.functional, self.p
+        with torch.inference_mode():
+            x = torch.from_numpy(x).permute(0, 3, 1, 2)
+            x = F.conv2d(x, p["stem/kernel"], p["stem/bias"], stride=self.config.patch_size)
+            x = x.flatten(2).transpose(1, 2)  # (B, S, C)
+            c = self.config.hidden_dim
+            for i in range(self.config.num_blocks):
+                b = f"MixerBlock_{i}/"
+                y = F.layer_norm(x, (c,), p[b + "LayerNorm_0/scale"], p[b + "LayerNorm_0/bias"],
+                                 mixer.LN_EPS).transpose(1, 2)
+                y = F.linear(y, p[b + "token_mixing/Dense_0/kernel"], p[b + "token_mixing/Dense_0/bias"])
+                y = F.linear(F.gelu(y, approximate="tanh"), p[b + "token_mixing/Dense_1/kernel"],
+                             p[b + "token_mixing/Dense_1/bias"])
+                x = x + y.transpose(1, 2)
+                y = F.layer_norm(x, (c,), p[b + "LayerNorm_1/scale"], p[b + "LayerNorm_1/bias"],
+                                 mixer.LN_EPS)
+                y = F.linear(y, p[b + "channel_mixing/Dense_0/kernel"],
+                             p[b + "channel_mixing/Dense_0/bias"])
+                y = F.linear(F.gelu(y, approximate="tanh"), p[b + "channel_mixing/Dense_1/kernel"],
+                             p[b + "channel_mixing/Dense_1/bias"])
+                x = x + y
+            x = F.layer_norm(x, (c,), p["pre_head_layer_norm/scale"],
+                             p["pre_head_layer_norm/bias"], mixer.LN_EPS).mean(dim=1)
+            return F.linear(x, p["head/kernel"], p["head/bias"]).numpy()
+
+
+def build_model(config, backend):
+    params = mixer.init_params(config, seed=0)
+    rng = np.random.default_rng(1)  # a non-zero head, so the head's GEMM is real work
+    params["head/kernel"] = rng.standard_normal(params["head/kernel"].shape,
+                                                dtype=np.float32) * 0.02
+    if backend == "torch":
+        return TorchMixer(config, params)
+    return mixer.Mixer(config, params, backend=backend)
+
+
+def time_call(model, x, min_seconds, min_runs=3):
+    """Seconds per call: the median of at least `min_runs` calls, or as many as `min_seconds` allows."""
+    times, end = [], time.perf_counter() + min_seconds
+    while len(times) < min_runs or time.perf_counter() < end:
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+        if len(times) >= min_runs and sum(times) > 4 * min_seconds:
+            break
+    return statistics.median(times)
+
+
+def worker(backend, variant, max_call_seconds):
+    """One backend in its own process (threads of different BLAS/OpenMP runtimes in one process
+    spin against each other). Reads {"batch", "seconds"} lines, answers {"seconds", "logits"},
+    or {"skipped"} when a first call takes longer than max_call_seconds."""
+    config = mixer.VARIANTS[variant]
+    model = build_model(config, backend)
+    inputs, skipped = {}, {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        bs = cmd["batch"]
+        if bs not in inputs:
+            rng = np.random.default_rng(2)
+            inputs[bs] = rng.uniform(-1, 1, (bs, config.image_size, config.image_size, 3)
+                                     ).astype(np.float32)
+            t = time.perf_counter()
+            model(inputs[bs])
+            first = time.perf_counter() - t
+            if first > max_call_seconds:
+                skipped[bs] = f"first call took {first:.1f} s > --max-call-seconds"
+            else:
+                for _ in range(2):  # warm-up: compilation, JIT capture, page-in of the weights
+                    model(inputs[bs])
+        if bs in skipped:
+            answer = {"skipped": skipped[bs]}
+        else:
+            x = inputs[bs]
+            answer = {"seconds": time_call(model, x, cmd["seconds"]),
+                      "logits": model(x[:1])[0].tolist() if bs == 1 else None}
+        print(json.dumps(answer), flush=True)
+
+
+class Worker:
+    def __init__(self, backend, variant, max_call_seconds):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
+                                      backend, variant, str(max_call_seconds)],
+                                     stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def ask(self, **cmd):
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"benchmark worker {self.proc.args[-2:]} died")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def bench_inference(variant, backends, batch_sizes, rounds, seconds, max_call_seconds):
+    """Interleaved rounds: each round times every backend once; each backend's best round counts.
+    Only one worker computes at a time; the others wait on their pipe."""
+    config = mixer.VARIANTS[variant]
+    workers = {b: Worker(b, variant, max_call_seconds) for b in backends}
+    rows = []
+    try:
+        for bs in batch_sizes:
+            best = {b: float("inf") for b in backends}
+            logits, skipped = {}, {}
+            for _ in range(rounds):
+                for b, w in workers.items():
+                    if b in skipped:
+                        continue
+                    answer = w.ask(batch=bs, seconds=seconds)
+                    if "skipped" in answer:
+                        skipped[b] = answer["skipped"]
+                        continue
+                    best[b] = min(best[b], answer["seconds"])
+                    if answer["logits"] is not None:
+                        logits[b] = np.array(answer["logits"])
+            first = next(iter(logits), None)
+            for b, out in logits.items():  # same weights and input: the outputs must agree
+                if np.abs(out - logits[first]).max() > 1e-3:
+                    raise SystemExit(f"{b} disagrees with {first} on {variant}: max |diff| "
+                                     f"{np.abs(out - logits[first]).max():.2e}")
+            for b, t in best.items():
+                if b in skipped:
+                    rows.append({"variant": variant, "backend": b, "batch": bs,
+                                 "skipped": skipped[b]})
+                    continue
+                rows.append({"variant": variant, "backend": b, "batch": bs, "seconds": t,
+                             "images_per_s": bs / t,
+                             "gflops": flops_per_image(config) * bs / t / 1e9})
+    finally:
+        for w in workers.values():
+            w.close()
+    return rows
+
+
+def bench_cli(variant, backend, tmp):
+    """Wall time of `python mixer.py IMG --weights F` (first and second run) and its peak RSS."""
+    config = mixer.VARIANTS[variant]
+    weights = os.path.join(tmp, variant.replace("/", "_") + ".safetensors")
+    if not os.path.exists(weights):
+        mixer.init(config, backend="numpy").save(weights)
+    image = os.path.join(tmp, "image.png")
+    if not os.path.exists(image):
+        from PIL import Image
+        pixels = np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(image)
+    command = [os.path.join(HERE, "mixer.py"), image, "--weights", weights, "--backend", backend]
+    walls = []
+    for _ in range(2):
+        t = time.perf_counter()
+        subprocess.run([sys.executable] + command, check=True, stdout=subprocess.DEVNULL)
+        walls.append(time.perf_counter() - t)
+    # Peak RSS: VmHWM of the process image itself (ru_maxrss would also count the benchmark's
+    # own pages that the child held between fork and exec).
+    probe = ("import runpy, sys\n"
+             f"sys.argv = {command!r}\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+             "print(int(hwm.split()[1]) * 1024, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], check=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    rss = [int(proc.stderr.strip().splitlines()[-1])] * 2
+    size = os.path.getsize(weights)
+    return {"variant": variant, "backend": backend, "first_s": walls[0], "second_s": walls[1],
+            "peak_rss_mib": rss[1] / 2**20, "weights_mib": size / 2**20,
+            "rss_over_weights": rss[1] / size}
+
+
+def bench_train(backends):
+    try:
+        import train
+    except ImportError:
+        return []
+    if not hasattr(train, "train_throughput"):
+        return []
+    rows = []
+    for b in backends:
+        ips = train.train_throughput(b, variant="S/32", batch_size=32)
+        rows.append({"variant": "S/32", "backend": b, "batch": 32, "train_images_per_s": ips})
+    return rows
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def print_table(title, rows, columns):
+    """columns: (key, format spec) pairs; a row without a key shows a blank cell."""
+    cells = [[c for c, _ in columns]]
+    for row in rows:
+        cells.append([format(row[c], fmt) if isinstance(row.get(c), (int, float)) else
+                      str(row.get(c, "")) for c, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    print(f"\n{title}")
+    for line in cells:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["S/32", "B/16"],
+                        choices=sorted(mixer.VARIANTS))
+    parser.add_argument("--backends", nargs="+", default=None, choices=sorted(mixer.BACKENDS),
+                        help="default: every installed backend")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per backend per round")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall-time/RSS runs")
+    parser.add_argument("--no-train", action="store_true", help="skip training throughput")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    parser.add_argument("--max-call-seconds", type=float, default=30.0,
+                        help="skip a backend/batch whose first call takes longer (e.g. tinygrad "
+                             "on a CPU without BEAM at B/16, batch 32)")
+    parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "VARIANT", "MAX_CALL_SECONDS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker[0], args.worker[1], float(args.worker[2]))
+
+    backends = args.backends or [b for b in mixer.BACKENDS
+                                 if b == "numpy" or mixer._installed(b)]
+    use_torch = not args.no_torch and torch_available()
+    import platform
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "cpus": os.cpu_count(), "python": platform.python_version(),
+               "numpy": np.__version__, "backends": backends, "torch": use_torch,
+               "default_backend": mixer.default_backend(), "DEV": os.environ.get("DEV")}
+    ceiling = gemm_ceiling()
+    machine["gemm_gflops"] = ceiling
+    print(f"machine: {machine['platform']}, {machine['cpus']} CPUs; fp32 GEMM ceiling "
+          f"{ceiling:.0f} GFLOP/s; default backend: {machine['default_backend']}")
+
+    inference = []
+    for variant in args.variants:
+        inference += bench_inference(variant, backends + ["torch"] * use_torch,
+                                     args.batch_sizes, args.rounds, args.seconds,
+                                     args.max_call_seconds)
+    for row in inference:
+        if "skipped" in row:
+            continue
+        row["of_ceiling"] = row["gflops"] / ceiling
+        ref = next((r for r in inference if r["backend"] == "torch" and "seconds" in r
+                    and r["variant"] == row["variant"] and r["batch"] == row["batch"]), None)
+        if ref:
+            row["vs_torch"] = ref["seconds"] / row["seconds"]  # > 1: faster than PyTorch
+        if row["batch"] == 1:
+            row["latency_ms"] = row["seconds"] * 1000
+    print_table("inference (vs_torch > 1 means faster than PyTorch eager)", inference,
+                [("variant", ""), ("backend", ""), ("batch", "d"), ("images_per_s", ".1f"),
+                 ("latency_ms", ".1f"), ("gflops", ".1f"), ("of_ceiling", ".0%"),
+                 ("vs_torch", ".2f"), ("skipped", "")])
+
+    cli = []
+    if not args.no_cli:
+        with tempfile.TemporaryDirectory() as tmp:
+            cli = [bench_cli(v, b, tmp) for v in args.variants for b in backends]
+        print_table("python mixer.py IMG --weights F (float32 weights)", cli,
+                    [("variant", ""), ("backend", ""), ("first_s", ".2f"), ("second_s", ".2f"),
+                     ("peak_rss_mib", ".0f"), ("weights_mib", ".0f"), ("rss_over_weights", ".2f")])
+
+    training = [] if args.no_train else bench_train([b for b in backends if b != "numpy"])
+    if training:
+        print_table("training step, S/32 at 224", training,
+                    [("variant", ""), ("backend", ""), ("batch", "d"),
+                     ("train_images_per_s", ".1f")])
+
+    if args.json:
+        doc = {"machine": machine, "inference": inference, "cli": cli, "training": training}
+        with mixer.atomic_write(args.json) as f:
+            f.write(json.dumps(doc, indent=2).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
