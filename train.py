@@ -1,0 +1,977 @@
+"""Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad.
+
+The recipe is the paper's (arXiv:2105.01601 §3 and the official configs; MIXER.md §6): momentum
+SGD 0.9, gradient clipping at global norm 1, linear warmup then cosine decay, no weight decay,
+softmax cross-entropy, a zero-initialised head, random resized crop + horizontal flip.
+
+    DATA_DIR/train/<class>/<image>     class names are the folder names, sorted
+    DATA_DIR/val/<class>/<image>       optional; else --val-fraction of train is held out
+
+    python train.py DATA_DIR --weights weights/Mixer-S_32-gsam.safetensors --steps 2000
+    python train.py DATA_DIR --variant S/32 --epochs 30 --batch-size 64   # from scratch
+    python train.py DATA_DIR --weights W.safetensors --image-size 448 ...  # Mixer.at_resolution
+    python train.py --resume runs/20250101-120000                          # after Ctrl-C
+    mlx.launch -n 2 --backend ring -- python train.py DATA_DIR ...         # data-parallel
+
+RUN_DIR (--out, default runs/<timestamp>) receives best.safetensors and last.safetensors (mixer.py
+weights with the dataset's class names as labels: `python mixer.py img.jpg --weights
+RUN_DIR/best.safetensors`), metrics.jsonl (one JSON object per logged step) and state.safetensors,
+everything --resume needs (params, momentum buffers, step, settings; no pickle). The data order and
+the augmentation are pure functions of (seed, position in the sample stream), so the step number
+is the whole data-loader state and a resumed run repeats the uninterrupted one. Ctrl-C (or
+SIGTERM) finishes the step in progress, saves, and exits with status 130; a second one stops at
+once, leaving the last saved state.
+
+--batch-size counts the images of one optimizer step over all processes. Under mlx.launch each
+rank decodes and runs its share of every global batch (split into --accum-steps micro-batches),
+the gradients are averaged with all_sum / size, and only rank 0 writes files.
+
+The optimizer and the loss are written once (`get_lr`, `sgd_momentum`, `cross_entropy`) over a
+small per-backend adapter; the model is mixer.forward over mixer.py's shim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+import mixer
+from mixer import MixerError
+
+MOMENTUM = 0.9  # official: optax.sgd(momentum=0.9), i.e. m = g + 0.9 m; p -= lr * m
+CLIP_NORM = 1.0  # official: optax.clip_by_global_norm(1.0)
+STATE_FILE = "state.safetensors"
+STATE_VERSION = 1
+
+# Settings of a run; None in train()'s signature means "not given" (so --resume can tell an
+# explicit change from a default). Comments say where a default comes from.
+DEFAULTS = {
+    "backend": None,  # mlx when installed, else tinygrad
+    "image_size": None,  # the checkpoint's, or 224 for random init
+    "steps": None,  # the schedule's length: --steps, or from --epochs
+    "epochs": None,
+    "batch_size": 512,  # official fine-tuning batch
+    "accum_steps": 1,  # official configs reach 512 with e.g. 8 accumulation steps
+    "lr": 0.03,  # official base lr (grid 0.003-0.06)
+    "warmup": None,  # official 500 steps, capped at 5% of a shorter run
+    "val_fraction": None,  # 0.1 when DATA_DIR has no val/
+    "seed": 0,
+    "eval_every": None,  # 10 evaluations per run
+    "log_every": 10,
+    "workers": None,  # decoding threads: one per core, at most 8
+}
+# Settings that --resume may change because they do not change the result.
+RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every"}
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe, written once. `xp` is a backend adapter below (numpy-like functions).
+
+
+def get_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """MIXER.md §6, the official schedule; steps count from 1, so the last one has lr 0."""
+    progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * min(1.0, step / warmup) if warmup > 0 else lr
+
+
+def sgd_momentum(xp, params: dict, momentum: dict, grads: dict, lr):
+    """One optimizer step: clip to global norm CLIP_NORM, heavy-ball momentum, no weight decay.
+    Returns (params, momentum, the gradient's global norm before clipping)."""
+    norm = xp.sqrt(sum((g * g).sum() for g in grads.values()))
+    scale = CLIP_NORM / xp.maximum(norm, CLIP_NORM)
+    momentum = {k: MOMENTUM * momentum[k] + scale * g for k, g in grads.items()}
+    params = {k: params[k] - lr * momentum[k] for k in params}
+    return params, momentum, norm
+
+
+def cross_entropy(xp, logits, onehot):
+    """Softmax cross-entropy, mean over the batch. Labels come one-hot (B, num_classes)."""
+    return (xp.logsumexp(logits) - (logits * onehot).sum(axis=-1)).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Backend adapters: what the recipe and Trainer need beyond mixer.py's inference shim.
+#   sqrt, maximum, logsumexp(x) (last axis), zeros_like      numpy-like math
+#   value_and_grad(f)      f(params, *args) -> loss  =>  (loss, grads dict)
+#   assign(tree, key, v)   store v as tree[key] inside a compiled function
+#   compile(fn, state)     fn's compiled version; fn reads and assigns the arrays in `state`
+#   mean_over_ranks(tree)  data-parallel all-reduce of arrays (identity on one process)
+#   sum_over_ranks(v)      the same for a Python number (evaluation counts, stop requests)
+#   scalar(v), sync(tree)  a (1,) float32 input; wait for the arrays
+# Labels travel one-hot, so that the loss is the same arithmetic on every backend (no gather).
+
+
+class MlxBackend:
+    name = "mlx"
+
+    def __init__(self):
+        self.mx = mixer._import_mlx()
+        self.ops = mixer.MlxOps()
+        self.group = self.mx.distributed.init()
+        self.rank, self.size = self.group.rank(), self.group.size()
+        self.sqrt, self.maximum, self.zeros_like = self.mx.sqrt, self.mx.maximum, self.mx.zeros_like
+
+    def logsumexp(self, x):
+        return self.mx.logsumexp(x, axis=-1)
+
+    def value_and_grad(self, fn):
+        return self.mx.value_and_grad(fn)
+
+    def assign(self, tree, key, value):
+        tree[key] = value
+
+    def compile(self, fn, state):
+        return self.mx.compile(fn, inputs=state, outputs=state)
+
+    def mean_over_ranks(self, tree):
+        if self.size == 1:
+            return tree
+        import mlx.nn
+        return mlx.nn.average_gradients(tree, group=self.group)  # all_sum / size, batched
+
+    def sum_over_ranks(self, value: float) -> float:
+        if self.size == 1:
+            return value
+        return self.mx.distributed.all_sum(self.mx.array(value), group=self.group).item()
+
+    def scalar(self, value):
+        return self.mx.array([value], dtype=self.mx.float32)
+
+    def sync(self, tree):
+        self.mx.eval(tree)
+
+
+class TinygradBackend:
+    name = "tinygrad"
+    rank, size = 0, 1
+
+    def __init__(self):
+        if int(os.environ.get("MLX_RANK", "0")) or "MLX_HOSTFILE" in os.environ:
+            raise MixerError("data-parallel training (mlx.launch) needs --backend mlx")
+        self.tg = mixer._import_tinygrad()
+        self.ops = mixer.TinygradOps()
+
+    sqrt = staticmethod(lambda x: x.sqrt())
+    maximum = staticmethod(lambda x, y: x.maximum(y))
+    zeros_like = staticmethod(lambda x: x.zeros_like())
+    logsumexp = staticmethod(lambda x: x.logsumexp(axis=-1))
+
+    def value_and_grad(self, fn):
+        def run(params, *args):
+            loss = fn(params, *args)
+            return loss, dict(zip(params, loss.gradient(*params.values())))
+        return run
+
+    def assign(self, tree, key, value):
+        tree[key].assign(value)
+
+    def compile(self, fn, state):
+        # TinyJit replays the kernels of one call; the assigned state lives in fixed buffers.
+        leaves = _leaves(state)
+
+        def run(*args):
+            out = fn(*args)
+            self.tg.Tensor.realize(*leaves, *_leaves(out))
+            return out
+        return self.tg.TinyJit(run)
+
+    def mean_over_ranks(self, tree):
+        return tree
+
+    def sum_over_ranks(self, value: float) -> float:
+        return value
+
+    def scalar(self, value):
+        # (1,), not 0-d: TinyJit refuses 0-d inputs made from numpy
+        return self.tg.Tensor(np.array([value], np.float32)).realize()
+
+    def sync(self, tree):
+        self.tg.Tensor.realize(*_leaves(tree))
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in _leaves(v)]
+    return [] if tree is None else [tree]
+
+
+TRAIN_BACKENDS = {"mlx": MlxBackend, "tinygrad": TinygradBackend}
+
+
+def get_backend(name: str | None):
+    if name is None:
+        env = os.environ.get("MIXER_BACKEND")
+        name = env if env in TRAIN_BACKENDS else "mlx" if mixer._installed("mlx") else "tinygrad"
+    if name not in TRAIN_BACKENDS:
+        raise MixerError(f"cannot train on backend {name!r} (no autograd): use one of "
+                         f"{sorted(TRAIN_BACKENDS)}")
+    return TRAIN_BACKENDS[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# The optimisation state and the two compiled halves of a step, written once.
+
+
+class Trainer:
+    """Params, momentum and gradient sums on one backend.
+
+    accumulate(x, onehot)  adds one micro-batch's mean-loss gradient to the sums
+    update(lr)             averages the sums (over micro-batches and ranks), takes one SGD step,
+                           clears the sums; returns (mean loss, gradient norm) as floats
+    logits(x)              the current model's logits
+    """
+
+    def __init__(self, xp, config: mixer.MixerConfig, params: dict, momentum: dict | None = None,
+                 accum_steps: int = 1):
+        self.xp, self.config = xp, config
+        asarray = xp.ops.asarray
+        self.state = {
+            "params": {k: asarray(v) for k, v in params.items()},
+            "momentum": {k: asarray(momentum[k] if momentum else np.zeros_like(v))
+                         for k, v in params.items()},
+            "grad_sum": {k: asarray(np.zeros_like(v)) for k, v in params.items()},
+            "loss_sum": xp.scalar(0.0),
+        }
+        state, n = self.state, config.num_blocks
+        loss_and_grads = xp.value_and_grad(
+            lambda p, x, onehot: cross_entropy(xp, mixer.forward(xp.ops, p, x, n), onehot))
+
+        def accumulate(x, onehot):
+            loss, grads = loss_and_grads(state["params"], x, onehot)
+            for k, g in grads.items():
+                xp.assign(state["grad_sum"], k, state["grad_sum"][k] + g)
+            xp.assign(state, "loss_sum", state["loss_sum"] + loss)
+
+        def update(lr):
+            sums = xp.mean_over_ranks({**state["grad_sum"], "": state["loss_sum"]})
+            loss = sums.pop("") / accum_steps
+            grads = {k: g / accum_steps for k, g in sums.items()}
+            params, momentum, norm = sgd_momentum(xp, state["params"], state["momentum"],
+                                                  grads, lr)
+            for k in params:
+                xp.assign(state["params"], k, params[k])
+                xp.assign(state["momentum"], k, momentum[k])
+                xp.assign(state["grad_sum"], k, xp.zeros_like(grads[k]))
+            xp.assign(state, "loss_sum", xp.zeros_like(state["loss_sum"]))
+            return loss, norm
+
+        self._accumulate = xp.compile(accumulate, state)
+        self._update = xp.compile(update, state)
+        self._logits = xp.ops.compile(lambda p, x: mixer.forward(xp.ops, p, x, n))
+
+    def accumulate(self, x: np.ndarray, onehot: np.ndarray) -> None:
+        self._accumulate(self.xp.ops.asarray(x), self.xp.ops.asarray(onehot))
+        self.xp.sync(self.state)
+
+    def update(self, lr: float) -> tuple[float, float]:
+        loss, norm = self._update(self.xp.scalar(lr))
+        self.xp.sync(self.state)
+        return float(loss.item()), float(norm.item())
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.xp.ops.numpy(self._logits(self.state["params"], self.xp.ops.asarray(x)))
+
+    def numpy(self, part: str) -> dict[str, np.ndarray]:
+        return {k: self.xp.ops.numpy(v) for k, v in self.state[part].items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Data: an image-folder dataset, decoded by a thread pool (Pillow releases the GIL).
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    files: list[str]
+    labels: np.ndarray  # int, index into classes
+
+
+def scan(data_dir: str, val_fraction: float | None, seed: int, pool, say):
+    """-> (classes, train Split, val Split or None). Unreadable files are reported and skipped."""
+    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    if not os.path.isdir(train_dir):
+        raise MixerError(f"{train_dir} not found: expected DATA_DIR/train/<class>/<image> "
+                         f"(and optionally DATA_DIR/val/<class>/<image>)")
+    classes = sorted(d for d in os.listdir(train_dir)
+                     if not d.startswith(".") and os.path.isdir(os.path.join(train_dir, d)))
+    if len(classes) < 2:
+        found = f"only the class {classes[0]!r}" if classes else "no class folders"
+        raise MixerError(f"{train_dir}: found {found}; a classifier needs at least 2 classes, "
+                         f"one folder of images each")
+    train = _scan_split(train_dir, classes, pool, say, require_all=True)
+    if os.path.isdir(val_dir):
+        if val_fraction:
+            raise MixerError(f"{data_dir} has a val/ folder: --val-fraction would be ignored; "
+                             f"drop it or remove val/")
+        extra = sorted(set(d for d in os.listdir(val_dir) if os.path.isdir(
+            os.path.join(val_dir, d)) and not d.startswith(".")) - set(classes))
+        if extra:
+            raise MixerError(f"{val_dir}/{extra[0]} is not a class of {train_dir} "
+                             f"({len(extra)} such folders)")
+        return classes, train, _scan_split(val_dir, classes, pool, say, require_all=False)
+    fraction = 0.1 if val_fraction is None else val_fraction
+    if not 0 <= fraction < 1:
+        raise MixerError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return classes, train, None
+    # hold out the same fraction of every class, chosen by the seed
+    rng = np.random.default_rng([seed, 2])
+    is_val = np.zeros(len(train.files), bool)
+    for c in range(len(classes)):
+        members = np.flatnonzero(train.labels == c)
+        take = min(len(members) - 1, round(fraction * len(members)))
+        is_val[rng.permutation(members)[:take]] = True
+    pick = lambda mask: Split([f for f, m in zip(train.files, mask) if m],  # noqa: E731
+                              train.labels[mask])
+    return classes, pick(~is_val), pick(is_val)
+
+
+def _scan_split(folder, classes, pool, say, require_all):
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        class_dir = os.path.join(folder, name)
+        names = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
+        paths = [os.path.join(class_dir, n) for n in names if not n.startswith(".")
+                 and os.path.isfile(os.path.join(class_dir, n))]
+        files += paths
+        labels += [c] * len(paths)
+    chunks = [files[i:i + 256] for i in range(0, len(files), 256)]  # not 1M futures at once
+    problems = [p for chunk in pool.map(lambda c: [_probe(f) for f in c], chunks) for p in chunk]
+    bad = [(f, p) for f, p in zip(files, problems) if p]
+    if bad:
+        shown = "; ".join(f"{f}: {p}" for f, p in bad[:3])
+        say(f"skipping {len(bad)} unreadable file{'s' * (len(bad) > 1)} in {folder} ({shown}"
+            f"{'; ...' if len(bad) > 3 else ''})")
+    keep = [not p for p in problems]
+    files = [f for f, k in zip(files, keep) if k]
+    labels = np.array([y for y, k in zip(labels, keep) if k], dtype=np.int64)
+    if require_all:
+        for c, name in enumerate(classes):
+            if not (labels == c).any():
+                raise MixerError(f"{os.path.join(folder, name)} has no readable images: add "
+                                 f"some or remove the folder")
+    return Split(files, labels)
+
+
+def _probe(path) -> str | None:
+    """Why Pillow cannot open `path` (reading the header only), or None."""
+    Image, _ = mixer._import_pil()
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+
+
+def inception_crop(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random box covering `scale` of the area with aspect ratio in `ratio` (log-uniform),
+    as in Inception training; the whole image, cropped to the nearest ratio, if 10 tries fail."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    w = min(width, round(height * ratio[1]))
+    h = min(height, round(width / ratio[0]))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class Loader:
+    """Global batches from the infinite stream of training samples.
+
+    Stream position p is sample perm_e[p mod N] of epoch e = p // N, where perm_e is a
+    permutation seeded by (seed, 0, e); its augmentation draws from a generator seeded by
+    (seed, 1, p). So step k's batch depends only on k: resuming needs no loader state, and the
+    result does not depend on which thread decodes what.
+    """
+
+    def __init__(self, split: Split, num_classes: int, image_size: int, resize: str,
+                 augment: bool, seed: int, pool, say):
+        self.split, self.num_classes, self.size = split, num_classes, image_size
+        self.resize, self.augment, self.seed = resize, augment, seed
+        self.pool, self.say, self.failed = pool, say, set()
+        self._epoch, self._perm = None, None  # the permutation of the latest epoch asked for
+
+    def sample_index(self, position: int) -> int:
+        n = len(self.split.files)
+        epoch = position // n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
+        return int(self._perm[position % n])
+
+    def decode(self, path: str, position: int):
+        """float32 (size, size, 3) in [-1, 1], or None if the file cannot be decoded."""
+        if not self.augment:
+            try:
+                return mixer.preprocess(path, size=self.size, resize=self.resize)
+            except MixerError:
+                return None
+        Image, ImageOps = mixer._import_pil()
+        rng = np.random.default_rng([self.seed, 1, position])
+        try:
+            with Image.open(path) as img:
+                img = mixer._to_rgb(ImageOps.exif_transpose(img))  # same as preprocess
+            img = img.resize((self.size, self.size), Image.BICUBIC,
+                             box=inception_crop(*img.size, rng))
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return None
+
+    def batches(self, first_step: int, batch_size: int, rank: int, size: int, depth: int = 2):
+        """Yields, from step `first_step` (1-based) on, this rank's share of each global batch:
+        (images (n, H, W, 3), onehot (n, classes)), decoding `depth` steps ahead."""
+        share = batch_size // size
+        pending = collections.deque()
+        step = first_step
+        while True:
+            while len(pending) <= depth:
+                start = (step - 1 + len(pending)) * batch_size + rank * share
+                positions = range(start, start + share)
+                index = [self.sample_index(p) for p in positions]
+                pending.append((index, [self.pool.submit(self.decode, self.split.files[i], p)
+                                        for i, p in zip(index, positions)]))
+            index, futures = pending.popleft()
+            yield self._assemble(index, [f.result() for f in futures])
+            step += 1
+
+    def _assemble(self, index, images):
+        ok = [j for j, im in enumerate(images) if im is not None]
+        if not ok:
+            raise MixerError("a whole batch of images could not be decoded: check the dataset")
+        for j, im in enumerate(images):
+            if im is None:
+                path = self.split.files[index[j]]
+                if path not in self.failed:
+                    self.failed.add(path)
+                    self.say(f"cannot decode {path}; it is replaced by another image of its "
+                             f"batch ({len(self.failed)} such files so far)")
+                index[j], images[j] = index[ok[0]], images[ok[0]]
+        return np.stack(images), one_hot(self.split.labels[index], self.num_classes)
+
+
+def one_hot(labels, num_classes: int) -> np.ndarray:
+    out = np.zeros((len(labels), num_classes), np.float32)
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
+
+
+def evaluate(trainer: Trainer, split: Split, image_size: int, resize: str, batch_size: int,
+             pool) -> float:
+    """Top-1 accuracy on `split` (mixer.preprocess geometry), each rank taking every size-th
+    image. Batches are padded to one fixed shape; images that cannot be decoded are left out."""
+    xp = trainer.xp
+    index = list(range(xp.rank, len(split.files), xp.size))
+    chunks = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
+    decode = lambda i: _try_preprocess(split.files[i], image_size, resize)  # noqa: E731
+    pending = collections.deque()
+    correct = seen = 0
+    for n in range(len(chunks)):
+        while len(pending) < 3 and n + len(pending) < len(chunks):
+            pending.append([pool.submit(decode, i) for i in chunks[n + len(pending)]])
+        images = [f.result() for f in pending.popleft()]
+        good = [j for j, im in enumerate(images) if im is not None]
+        if not good:
+            continue
+        x = np.zeros((batch_size, image_size, image_size, 3), np.float32)
+        x[:len(good)] = [images[j] for j in good]
+        predicted = trainer.logits(x)[:len(good)].argmax(axis=1)
+        correct += int((predicted == split.labels[[chunks[n][j] for j in good]]).sum())
+        seen += len(good)
+    correct, seen = xp.sum_over_ranks(correct), xp.sum_over_ranks(seen)
+    if seen == 0:
+        raise MixerError("no validation image could be decoded")
+    return correct / seen
+
+
+def _try_preprocess(path, size, resize):
+    try:
+        return mixer.preprocess(path, size=size, resize=resize)
+    except MixerError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The model to start from.
+
+
+def build_model(classes, weights=None, variant=None, image_size=None, keep_head=False, seed=0,
+                **dims):
+    """-> (config, numpy params, preprocessing, source description) for len(classes) classes."""
+    n = len(classes)
+    given = {k: v for k, v in dims.items() if v is not None}
+    if weights is None and variant is None and not given:
+        raise MixerError("give --weights FILE.safetensors to fine-tune, or --variant (e.g. S/32) "
+                         "or the architecture options (--hidden-dim, ...) to train from scratch")
+    if weights is not None and (variant is not None or given):
+        raise MixerError("--weights fixes the architecture: drop --variant and the "
+                         "architecture options")
+    if weights is None:
+        if variant is not None:
+            config = mixer.VARIANTS[variant]
+        else:
+            missing = [k for k in ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim",
+                                   "channels_mlp_dim") if k not in given]
+            if missing:
+                raise MixerError(f"a custom architecture needs --{missing[0].replace('_', '-')} "
+                                 f"(or start from --variant)")
+            config = mixer.MixerConfig(**given, image_size=image_size or 224)
+        config = dataclasses.replace(config, **given, num_classes=n, image_size=image_size or 224)
+        return config, mixer.init_params(config, seed), None, variant or "random init"
+    model = mixer.load(weights, backend="numpy")
+    if image_size is not None and image_size != model.config.image_size:
+        try:
+            model = model.at_resolution(image_size)
+        except MixerError as e:
+            raise MixerError(f"--image-size {image_size}: {e}") from None
+    params = model.numpy_params()
+    if keep_head:
+        if model.config.num_classes != n or model.labels not in (None, list(classes)):
+            raise MixerError(f"--keep-head: {weights} has a head for "
+                             f"{model.config.num_classes} classes "
+                             f"{(model.labels or [])[:3]}..., the dataset has {n} {classes[:3]}...")
+        config = model.config
+    else:
+        config = dataclasses.replace(model.config, num_classes=n)
+        # the official fine-tuning head: zero-initialised, so training starts from uniform logits
+        params["head/kernel"] = np.zeros((config.hidden_dim, n), np.float32)
+        params["head/bias"] = np.zeros((n,), np.float32)
+    return config, params, model.preprocessing, os.path.basename(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory: weights, metrics, resumable state.
+
+
+def save_state(path, trainer: Trainer, info: dict) -> None:
+    tensors = {f"params/{k}": v for k, v in trainer.numpy("params").items()}
+    tensors.update({f"momentum/{k}": v for k, v in trainer.numpy("momentum").items()})
+    mixer.write_safetensors(path, tensors, {"format": "mixer-train-state",
+                                            "train.state": json.dumps(info)})
+
+
+def load_state(run_dir: str):
+    """-> (info dict, params, momentum) from RUN_DIR/state.safetensors."""
+    path = os.path.join(run_dir, STATE_FILE)
+    if not os.path.exists(path):
+        raise MixerError(f"--resume {run_dir}: no {STATE_FILE} there (is it a train.py run "
+                         f"directory?)")
+    tensors, metadata = mixer.read_safetensors(path)
+    try:
+        info = json.loads(metadata["train.state"])
+    except (KeyError, json.JSONDecodeError):
+        raise MixerError(f"{path}: not a train.py state file (no train.state metadata)") from None
+    if info.get("version") != STATE_VERSION:
+        raise MixerError(f"{path}: state version {info.get('version')}, this train.py reads "
+                         f"{STATE_VERSION}")
+    part = lambda prefix: {k[len(prefix):]: np.array(v) for k, v in tensors.items()  # noqa: E731
+                           if k.startswith(prefix)}
+    return info, part("params/"), part("momentum/")
+
+
+def _digest(data_dir: str, split: Split) -> str:
+    h = hashlib.sha256()
+    for f, y in zip(split.files, split.labels):
+        h.update(f"{os.path.relpath(f, data_dir)}\t{y}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    # One write of one whole line in append mode: a crash leaves whole lines only.
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """On resume, drop the records logged after the saved state (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    with mixer.atomic_write(path) as f:
+        f.write("".join(kept).encode())
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM during training: the first finishes the current step, saves and stops;
+    a second one aborts at once (the last saved state stays)."""
+
+    def __enter__(self):
+        self.requested, self.old = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        return False
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    step: int  # optimizer steps done
+    total_steps: int
+    interrupted: bool  # stopped early; `python train.py --resume run_dir` continues
+    val_top1: float | None  # at the last evaluation
+    best_val_top1: float | None
+    model: mixer.Mixer  # the final weights (numpy backend), labelled with the class names
+
+
+class Console:
+    """What a run prints on stderr: messages, and a progress line that a terminal shows
+    rewritten in place (kept when `keep`, e.g. with an evaluation) and a log gets line by line."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.tty, self.open = enabled, enabled and sys.stderr.isatty(), False
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(("\n" if self.open else "") + f"train: {message}", file=sys.stderr, flush=True)
+            self.open = False
+
+    def progress(self, line: str, keep: bool = False) -> None:
+        if not self.tty:
+            return self.say(line)
+        print(f"\rtrain: {line}\033[K", end="\n" if keep else "", file=sys.stderr, flush=True)
+        self.open = not keep
+
+
+def _format_time(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# --------------------------------------------------------------------------------------------
+# The training run.
+
+
+def train(data_dir=None, weights=None, variant=None, backend=None, image_size=None,
+          batch_size=None, accum_steps=None, steps=None, epochs=None, lr=None, warmup=None,
+          no_augment=False, out=None, resume=None, keep_head=False, hidden_dim=None,
+          num_blocks=None, patch_size=None, tokens_mlp_dim=None, channels_mlp_dim=None,
+          val_fraction=None, seed=None, eval_every=None, log_every=None, workers=None,
+          stop_after=None, quiet=False) -> TrainResult:
+    """Fine-tunes (or trains from scratch) and writes the run directory; see the module doc.
+
+    Arguments are the command line's; None means the default (DEFAULTS). stop_after=k stops
+    after step k exactly as Ctrl-C would (state saved, result.interrupted), for tests.
+    """
+    given = {k: v for k, v in locals().items()
+             if v is not None and v is not False and k not in ("resume", "out", "stop_after",
+                                                                "quiet")}
+    given["augment"] = not given.pop("no_augment", False)
+    for k in ("data_dir", "weights"):  # absolute, so that --resume works from anywhere
+        if k in given:
+            given[k] = os.path.abspath(given[k])
+    if resume:
+        info, params, momentum = load_state(resume)
+        settings = info["settings"]
+        for k, v in given.items():
+            if k not in RESUME_MAY_CHANGE and k != "augment" and v != settings.get(k):
+                raise MixerError(f"--resume continues the saved run: its {k} is "
+                                 f"{settings.get(k)!r}, not {v!r} (start a new run with "
+                                 f"--weights {os.path.join(resume, 'last.safetensors')} "
+                                 f"to change it)")
+        if given["augment"] is False and settings["augment"]:
+            raise MixerError("--resume continues the saved run, which uses augmentation")
+        settings.update({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE})
+        run_dir = os.fspath(resume)
+    else:
+        settings = {**DEFAULTS, **given}
+        if data_dir is None:
+            raise MixerError("give DATA_DIR (holding train/<class>/<image>) or --resume RUN_DIR")
+        if (steps is None) == (epochs is None):
+            raise MixerError("give one of --steps N or --epochs N")
+        run_dir = os.fspath(out) if out else _new_run_dir()
+        if os.path.exists(os.path.join(run_dir, STATE_FILE)):
+            raise MixerError(f"{run_dir} already holds a run: continue it with --resume "
+                             f"{run_dir}, or choose another --out")
+    for k in ("batch_size", "accum_steps", "steps", "log_every", "eval_every", "workers"):
+        if settings.get(k) is not None and settings[k] < 1:
+            raise MixerError(f"--{k.replace('_', '-')} must be at least 1, got {settings[k]}")
+    for k in ("lr", "epochs"):
+        if settings.get(k) is not None and not settings[k] > 0:
+            raise MixerError(f"--{k} must be positive, got {settings[k]}")
+
+    xp = get_backend(settings["backend"])
+    settings["backend"] = xp.name
+    console = Console(enabled=xp.rank == 0 and not quiet)
+    pool = concurrent.futures.ThreadPoolExecutor(settings["workers"] or min(8, os.cpu_count()))
+    try:
+        return _run(xp, settings, run_dir, info if resume else None,
+                    (params, momentum) if resume else None, stop_after, console, pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _new_run_dir() -> str:
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    run_dir, n = base, 1
+    while os.path.exists(run_dir):
+        n += 1
+        run_dir = f"{base}-{n}"
+    return run_dir
+
+
+def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool) -> TrainResult:
+    say = console.say
+    classes, train_split, val_split = scan(s["data_dir"], s["val_fraction"], s["seed"], pool,
+                                           say)
+    digest = _digest(s["data_dir"], train_split)
+    if info is None:
+        config, params, preprocessing, source = build_model(
+            classes, s.get("weights"), s.get("variant"), s["image_size"], s.get("keep_head"),
+            s["seed"], **{k: s.get(k) for k in ("patch_size", "hidden_dim", "num_blocks",
+                                                "tokens_mlp_dim", "channels_mlp_dim")})
+        momentum, start, best, best_step = None, 0, None, None
+        steps = s["steps"] or math.ceil(s["epochs"] * len(train_split.files) / s["batch_size"])
+        s.update(steps=steps, image_size=config.image_size, warmup=s["warmup"] if s["warmup"]
+                 is not None else min(500, round(0.05 * steps)),
+                 eval_every=s["eval_every"] or math.ceil(steps / 10))
+    else:
+        if classes != info["classes"] or digest != info["data"]["digest"]:
+            raise MixerError(f"the training set in {s['data_dir']} changed since the run started "
+                             f"({info['data']['num_train']} images then, "
+                             f"{len(train_split.files)} now): resuming needs the same files for "
+                             f"the same data order; start a new run from "
+                             f"{os.path.join(run_dir, 'last.safetensors')} instead")
+        config = mixer.MixerConfig.from_dict(info["config"])
+        params, momentum = saved_arrays
+        preprocessing, source = info["preprocessing"], info["source"]
+        start, best, best_step = info["step"], info["best_val_top1"], info["best_step"]
+    steps, batch_size, accum = s["steps"], s["batch_size"], s["accum_steps"]
+    if s["warmup"] < 0:
+        raise MixerError(f"--warmup must be at least 0, got {s['warmup']}")
+    if batch_size % (accum * xp.size):
+        raise MixerError(f"--batch-size {batch_size} must be a multiple of --accum-steps {accum}"
+                         f" x {xp.size} process{'es' * (xp.size > 1)}")
+    micro = batch_size // (accum * xp.size)
+    resize = (preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if xp.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        _truncate_metrics(metrics_path, start)
+
+    trainer = Trainer(xp, config, params, momentum, accum)
+    loader = Loader(train_split, len(classes), config.image_size, resize, s["augment"], s["seed"],
+                    pool, say)
+    say(f"{len(train_split.files)} training images in {len(classes)} classes, "
+        f"{len(val_split.files) if val_split else 'no'} validation images; "
+        f"{config.variant or 'custom'} Mixer at {config.image_size}px from {source}, on "
+        f"{xp.name}" + (f" x {xp.size} processes" if xp.size > 1 else ""))
+    say(f"{'resuming at step ' + str(start) + ' of ' if start else ''}{steps} steps of "
+        f"{batch_size} images ({steps * batch_size / len(train_split.files):.1f} epochs), "
+        f"lr {s['lr']}, warmup {s['warmup']}; writing {run_dir}")
+    if val_split is None:
+        say("no validation set (val_fraction 0): best.safetensors will not be written")
+
+    def model_now():
+        return mixer.Mixer(config, trainer.numpy("params"), backend="numpy", labels=classes,
+                           preprocessing=preprocessing)
+
+    def checkpoint(step):
+        if xp.rank != 0:
+            return
+        model_now().save(os.path.join(run_dir, "last.safetensors"),
+                         source=f"train.py: {source} trained on {s['data_dir']}, step {step}")
+        position = step * batch_size
+        save_state(os.path.join(run_dir, STATE_FILE), trainer, {
+            "version": STATE_VERSION, "step": step, "settings": s, "classes": classes,
+            "config": config.to_dict(), "preprocessing": preprocessing, "source": source,
+            "best_val_top1": best, "best_step": best_step, "val_top1": val_top1,
+            "window": window,
+            "data": {"num_train": len(train_split.files), "digest": digest,
+                     "samples_seen": position, "epoch": position // len(train_split.files),
+                     "position_in_epoch": position % len(train_split.files),
+                     "order": "permutation of epoch e seeded by (seed, 0, e); augmentation of "
+                              "stream position p by (seed, 1, p) (numpy default_rng)"}})
+
+    val_top1 = info.get("val_top1") if info else None
+    step, interrupted = start, False
+    # sums since the last metrics record; saved with the state so that a resumed run logs
+    # the same records (the timing restarts)
+    window = info["window"] if info else {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+    timed = {"time": 0.0, "n": 0}
+    batches = loader.batches(start + 1, batch_size, xp.rank, xp.size)
+    with _StopRequest() as stop:
+        while step < steps:
+            t0 = time.perf_counter()
+            x, onehot = next(batches)
+            for i in range(accum):
+                trainer.accumulate(x[i * micro:(i + 1) * micro], onehot[i * micro:(i + 1) * micro])
+            lr = get_lr(step + 1, s["lr"], s["warmup"], steps)
+            loss, grad_norm = trainer.update(lr)
+            step += 1
+            if not math.isfinite(loss):
+                raise MixerError(f"the loss is {loss} at step {step}: lower --lr (the last saved "
+                                 f"state is before the divergence)")
+            window["loss"] += loss
+            window["grad_norm"] += grad_norm
+            window["n"] += 1
+            timed["time"] += time.perf_counter() - t0
+            timed["n"] += 1
+            record = None
+            evaluate_now = step % s["eval_every"] == 0 or step == steps
+            if step % s["log_every"] == 0 or evaluate_now:
+                per_step = timed["time"] / timed["n"]
+                record = {"step": step, "lr": lr, "loss": window["loss"] / window["n"],
+                          "grad_norm": window["grad_norm"] / window["n"],
+                          "images_per_s": batch_size / per_step}
+                window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+                timed = {"time": 0.0, "n": 0}
+            if evaluate_now and val_split is not None:
+                val_top1 = evaluate(trainer, val_split, config.image_size, resize, micro, pool)
+                record["val_top1"] = val_top1
+                if best is None or val_top1 > best:
+                    best, best_step = val_top1, step
+                    if xp.rank == 0:
+                        model_now().save(os.path.join(run_dir, "best.safetensors"),
+                                         source=f"train.py: {source} trained on "
+                                                f"{s['data_dir']}, step {step}, val top-1 "
+                                                f"{val_top1:.4f}")
+            if record is not None and xp.rank == 0:
+                _append_jsonl(metrics_path, record)
+                line = (f"step {step}/{steps}  loss {record['loss']:.4f}  lr {lr:.4g}  "
+                        f"{record['images_per_s']:.1f} img/s  ETA "
+                        f"{_format_time(per_step * (steps - step))}"
+                        + (f"  val top-1 {val_top1:.2%}" if "val_top1" in record else ""))
+                console.progress(line, keep="val_top1" in record)
+            requested = stop.requested or step == stop_after
+            if xp.size > 1:  # every rank must stop after the same step
+                requested = xp.sum_over_ranks(float(requested)) > 0
+            if evaluate_now or requested:
+                checkpoint(step)
+            if requested and step < steps:
+                interrupted = True
+                say(f"stopped after step {step}; continue with: python train.py --resume "
+                    f"{run_dir}")
+                break
+    if not interrupted:
+        say(f"done: {step} steps" + (f", val top-1 {val_top1:.2%} (best {best:.2%} at step "
+                                    f"{best_step}) in {run_dir}/best.safetensors"
+                                    if val_top1 is not None else f", weights in {run_dir}"))
+    return TrainResult(run_dir, step, steps, interrupted, val_top1, best, model_now())
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput, for bench.py.
+
+
+def train_throughput(backend: str, variant: str = "S/32", batch_size: int = 32, steps: int = 10,
+                     image_size: int = 224, num_classes: int = 1000) -> float:
+    """Images/s of full training steps (forward, backward, clipped momentum SGD) on random
+    data already in memory, after warm-up steps that compile."""
+    xp = get_backend(backend)
+    config = dataclasses.replace(mixer.VARIANTS[variant], num_classes=num_classes,
+                                 image_size=image_size)
+    trainer = Trainer(xp, config, mixer.init_params(config))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32)
+    onehot = one_hot(rng.integers(0, num_classes, batch_size), num_classes)
+    for _ in range(2):  # compile; TinyJit captures on the second call, replays from the third
+        trainer.accumulate(x, onehot)
+        trainer.update(0.01)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.accumulate(x, onehot)
+        trainer.update(0.01)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train", description="Fine-tune an MLP-Mixer on DATA_DIR/train/<class>/<image> "
+        "(recipe of the paper: momentum SGD, clipping, warmup + cosine).")
+    parser.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
+                        help="holds train/<class>/* and optionally val/<class>/*")
+    model = parser.add_argument_group("model (one of --weights, --variant, or all five sizes)")
+    model.add_argument("--weights", help="a mixer .safetensors file to fine-tune")
+    model.add_argument("--variant", choices=sorted(mixer.VARIANTS),
+                       help="train this architecture from random init")
+    model.add_argument("--keep-head", action="store_true",
+                       help="keep the checkpoint's head (its labels must be the dataset's classes)")
+    model.add_argument("--image-size", type=int, help="default: the checkpoint's (224 from "
+                       "scratch); K times the checkpoint's expands it (Mixer.at_resolution)")
+    for name, what in (("patch-size", "P"), ("hidden-dim", "C"), ("num-blocks", "N"),
+                       ("tokens-mlp-dim", "D_S"), ("channels-mlp-dim", "D_C")):
+        model.add_argument(f"--{name}", type=int, metavar=what,
+                           help="custom architecture (all five), or override --variant")
+    recipe = parser.add_argument_group("recipe (MIXER.md §6)")
+    length = recipe.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (the schedule's length)")
+    length.add_argument("--epochs", type=float, help="passes over the training set")
+    recipe.add_argument("--batch-size", type=int, help="images per optimizer step, over all "
+                        "processes (default 512)")
+    recipe.add_argument("--accum-steps", type=int,
+                        help="split each batch into this many micro-batches (default 1)")
+    recipe.add_argument("--lr", type=float, help="base learning rate (default 0.03)")
+    recipe.add_argument("--warmup", type=int, help="linear warmup steps (default min(500, 5%% "
+                        "of the steps))")
+    recipe.add_argument("--no-augment", action="store_true",
+                        help="no random resized crop or flip: train on evaluation crops")
+    recipe.add_argument("--seed", type=int, help="init, split, data order, augmentation (0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--val-fraction", type=float,
+                     help="held-out share of train when DATA_DIR has no val/ (default 0.1)")
+    run.add_argument("--out", metavar="RUN_DIR", help="default runs/<timestamp>")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--backend", choices=sorted(TRAIN_BACKENDS),
+                     help="default: MIXER_BACKEND, else mlx if installed, else tinygrad")
+    run.add_argument("--eval-every", type=int,
+                     help="evaluate and checkpoint every N steps (default: 10 times a run)")
+    run.add_argument("--log-every", type=int, help="steps per metrics record (default 10)")
+    run.add_argument("--workers", type=int, help="image decoding threads (default: cores, <= 8)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = train(**vars(args))
+    except MixerError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train: interrupted (the last checkpoint in the run directory can be resumed)",
+              file=sys.stderr)
+        return 130
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
