@@ -11,7 +11,7 @@ shared machine slows them all alike; compare them as ratios. Measured:
   - single-image latency (median);
   - `python mixer.py IMG --weights F` wall time, first and second run, and its peak RSS beside the
     weights file's size;
-  - training throughput for S/32, batch 32 (when train.py offers train_throughput).
+  - training throughput for S/32, batch 32 (train.train_throughput; PyTorch doing the same step).
 PyTorch, when importable, runs the same forward (same weights, tanh GELU, eps 1e-6) as a
 reference; it is never a dependency of the library.
 """
@@ -59,42 +59,66 @@ def gemm_ceiling(n: int = 2048, seconds: float = 3.0) -> float:
 class TorchMixer:
     """The same forward in PyTorch eager (NCHW conv stem, as timm does), for comparison only."""
 
-    def __init__(self, config, params):
+    def __init__(self, config, params, requires_grad=False):
         import torch
         self.torch, self.config = torch, config
-        self.p = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
-        # HWIO -> OIHW for conv2d; (in, out) -> (out, in) for F.linear
-        self.p["stem/kernel"] = self.p["stem/kernel"].permute(3, 2, 0, 1).contiguous()
-        for k in list(self.p):
-            if k.endswith("/kernel") and k != "stem/kernel":
-                self.p[k] = self.p[k].t().contiguous()
+        self.p = {}
+        for k, v in params.items():
+            t = torch.from_numpy(np.ascontiguousarray(v))
+            if k == "stem/kernel":
+                t = t.permute(3, 2, 0, 1)  # HWIO -> OIHW for conv2d
+            elif k.endswith("/kernel"):
+                t = t.t()  # (in, out) -> (out, in) for F.linear
+            self.p[k] = t.contiguous().requires_grad_(requires_grad)
         self.backend = "torch"
 
+    def forward(self, x):
+        """x: (B, 3, H, W) torch tensor -> logits."""
+        F, p, c = self.torch.nn.functional, self.p, self.config.hidden_dim
+        ln = lambda t, n: F.layer_norm(t, (c,), p[n + "/scale"], p[n + "/bias"],  # noqa: E731
+                                       mixer.LN_EPS)
+        mlp = lambda t, n: F.linear(  # noqa: E731
+            F.gelu(F.linear(t, p[n + "/Dense_0/kernel"], p[n + "/Dense_0/bias"]),
+                   approximate="tanh"), p[n + "/Dense_1/kernel"], p[n + "/Dense_1/bias"])
+        x = F.conv2d(x, p["stem/kernel"], p["stem/bias"], stride=self.config.patch_size)
+        x = x.flatten(2).transpose(1, 2)  # (B, S, C)
+        for i in range(self.config.num_blocks):
+            b = f"MixerBlock_{i}/"
+            x = x + mlp(ln(x, b + "LayerNorm_0").transpose(1, 2), b + "token_mixing").transpose(1, 2)
+            x = x + mlp(ln(x, b + "LayerNorm_1"), b + "channel_mixing")
+        x = ln(x, "pre_head_layer_norm").mean(dim=1)
+        return F.linear(x, p["head/kernel"], p["head/bias"])
+
     def __call__(self, x):
-        torch, F, p = self.torch, self.torch.nn.functional, self.p
-        with torch.inference_mode():
-            x = torch.from_numpy(x).permute(0, 3, 1, 2)
-            x = F.conv2d(x, p["stem/kernel"], p["stem/bias"], stride=self.config.patch_size)
-            x = x.flatten(2).transpose(1, 2)  # (B, S, C)
-            c = self.config.hidden_dim
-            for i in range(self.config.num_blocks):
-                b = f"MixerBlock_{i}/"
-                y = F.layer_norm(x, (c,), p[b + "LayerNorm_0/scale"], p[b + "LayerNorm_0/bias"],
-                                 mixer.LN_EPS).transpose(1, 2)
-                y = F.linear(y, p[b + "token_mixing/Dense_0/kernel"], p[b + "token_mixing/Dense_0/bias"])
-                y = F.linear(F.gelu(y, approximate="tanh"), p[b + "token_mixing/Dense_1/kernel"],
-                             p[b + "token_mixing/Dense_1/bias"])
-                x = x + y.transpose(1, 2)
-                y = F.layer_norm(x, (c,), p[b + "LayerNorm_1/scale"], p[b + "LayerNorm_1/bias"],
-                                 mixer.LN_EPS)
-                y = F.linear(y, p[b + "channel_mixing/Dense_0/kernel"],
-                             p[b + "channel_mixing/Dense_0/bias"])
-                y = F.linear(F.gelu(y, approximate="tanh"), p[b + "channel_mixing/Dense_1/kernel"],
-                             p[b + "channel_mixing/Dense_1/bias"])
-                x = x + y
-            x = F.layer_norm(x, (c,), p["pre_head_layer_norm/scale"],
-                             p["pre_head_layer_norm/bias"], mixer.LN_EPS).mean(dim=1)
-            return F.linear(x, p["head/kernel"], p["head/bias"]).numpy()
+        with self.torch.inference_mode():
+            return self.forward(self.torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+
+
+def torch_train_throughput(variant="S/32", batch_size=32, steps=3) -> float:
+    """train.train_throughput's step as a PyTorch user writes it: forward, backward, clipping at
+    norm 1, momentum SGD; random data already in memory, after two warm-up steps."""
+    import torch
+    config = mixer.VARIANTS[variant]
+    model = TorchMixer(config, mixer.init_params(config), requires_grad=True)
+    optimizer = torch.optim.SGD(model.p.values(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(-1, 1, (batch_size, config.image_size, config.image_size, 3)
+                                     ).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, config.num_classes, batch_size))
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model.forward(x.permute(0, 3, 1, 2)), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.p.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - start)
 
 
 def build_model(config, backend):
@@ -244,17 +268,35 @@ def bench_cli(variant, backend, tmp):
             "rss_over_weights": rss[1] / size}
 
 
-def bench_train(backends):
-    try:
+def train_worker(backend, steps):
+    if backend == "torch":
+        ips = torch_train_throughput(steps=steps)
+    else:
         import train
-    except ImportError:
-        return []
-    if not hasattr(train, "train_throughput"):
-        return []
+        ips = train.train_throughput(backend, variant="S/32", batch_size=32, steps=steps)
+    print(json.dumps({"train_images_per_s": ips}), flush=True)
+
+
+def bench_train(backends, steps, timeout):
+    """Training step throughput, S/32 at 224, batch 32: each backend in its own process, in turn."""
     rows = []
     for b in backends:
-        ips = train.train_throughput(b, variant="S/32", batch_size=32)
-        rows.append({"variant": "S/32", "backend": b, "batch": 32, "train_images_per_s": ips})
+        row = {"variant": "S/32", "backend": b, "batch": 32}
+        try:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--train-worker",
+                                   b, str(steps)], capture_output=True, text=True,
+                                  timeout=timeout)
+            if done.returncode == 0:
+                row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:
+                row["skipped"] = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        except subprocess.TimeoutExpired:
+            row["skipped"] = f"over --train-timeout {timeout} s"
+        rows.append(row)
+    ref = next((r for r in rows if r["backend"] == "torch" and "train_images_per_s" in r), None)
+    for r in rows:
+        if ref and "train_images_per_s" in r:
+            r["vs_torch"] = r["train_images_per_s"] / ref["train_images_per_s"]
     return rows
 
 
@@ -290,15 +332,22 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall-time/RSS runs")
     parser.add_argument("--no-train", action="store_true", help="skip training throughput")
+    parser.add_argument("--train-steps", type=int, default=3, help="timed training steps")
+    parser.add_argument("--train-timeout", type=float, default=900,
+                        help="seconds allowed per backend for the training measurement")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     parser.add_argument("--max-call-seconds", type=float, default=30.0,
                         help="skip a backend/batch whose first call takes longer (e.g. tinygrad "
                              "on a CPU without BEAM at B/16, batch 32)")
+    parser.add_argument("--train-worker", nargs=2, metavar=("BACKEND", "STEPS"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "VARIANT", "MAX_CALL_SECONDS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker[0], args.worker[1], float(args.worker[2]))
+    if args.train_worker:
+        return train_worker(args.train_worker[0], int(args.train_worker[1]))
 
     backends = args.backends or [b for b in mixer.BACKENDS
                                  if b == "numpy" or mixer._installed(b)]
@@ -341,11 +390,14 @@ def main(argv=None):
                     [("variant", ""), ("backend", ""), ("first_s", ".2f"), ("second_s", ".2f"),
                      ("peak_rss_mib", ".0f"), ("weights_mib", ".0f"), ("rss_over_weights", ".2f")])
 
-    training = [] if args.no_train else bench_train([b for b in backends if b != "numpy"])
+    training = [] if args.no_train else bench_train(
+        [b for b in backends if b != "numpy"] + ["torch"] * use_torch, args.train_steps,
+        args.train_timeout)
     if training:
-        print_table("training step, S/32 at 224", training,
-                    [("variant", ""), ("backend", ""), ("batch", "d"),
-                     ("train_images_per_s", ".1f")])
+        print_table("training step (forward, backward, clipped momentum SGD), S/32 at 224",
+                    training, [("variant", ""), ("backend", ""), ("batch", "d"),
+                               ("train_images_per_s", ".1f"), ("vs_torch", ".2f"),
+                               ("skipped", "")])
 
     if args.json:
         doc = {"machine": machine, "inference": inference, "cli": cli, "training": training}

@@ -1,6 +1,6 @@
 """Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad.
 
-The recipe is the paper's (arXiv:2105.01601 §3 and the official configs; MIXER.md §6): momentum
+The recipe is the paper's (arXiv:2105.01601 §3 and the official vision_transformer configs): momentum
 SGD 0.9, gradient clipping at global norm 1, linear warmup then cosine decay, no weight decay,
 softmax cross-entropy, a zero-initialised head, random resized crop + horizontal flip.
 
@@ -81,7 +81,7 @@ RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every"}
 
 
 def get_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """MIXER.md §6, the official schedule; steps count from 1, so the last one has lr 0."""
+    """The official schedule (linear warmup, then cosine decay to 0); steps count from 1, so the last one has lr 0."""
     progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
     lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr * min(1.0, step / warmup) if warmup > 0 else lr
@@ -931,7 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("tokens-mlp-dim", "D_S"), ("channels-mlp-dim", "D_C")):
         model.add_argument(f"--{name}", type=int, metavar=what,
                            help="custom architecture (all five), or override --variant")
-    recipe = parser.add_argument_group("recipe (MIXER.md §6)")
+    recipe = parser.add_argument_group("recipe (the paper's fine-tuning)")
     length = recipe.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (the schedule's length)")
     length.add_argument("--epochs", type=float, help="passes over the training set")
