@@ -150,7 +150,8 @@ def param_shapes(config: MixerConfig) -> dict[str, tuple[int, ...]]:
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> MixerConfig:
-    """Read the architecture off official-named arrays of a released checkpoint. Validation is separate."""
+    """Read the architecture off the official-named arrays of a checkpoint. Validation is
+    separate (check_shapes)."""
     def get(name):
         if name not in shapes:
             raise MixerError(f"tensor {name!r} is missing: this is not a Mixer checkpoint")
@@ -816,8 +817,8 @@ def init(config: MixerConfig, seed: int = 0, backend: str | None = None) -> Mixe
 
 
 # --------------------------------------------------------------------------------------------
-# Official checkpoints: the released .npz files (google-research/vision_transformer), their label names, and the
-# download cache behind `--variant`.
+# Official checkpoints: the released .npz files (google-research/vision_transformer), their
+# label names, and the download cache behind `--variant`.
 
 # variant -> {source: file under WEIGHTS_URL}. The first source is the default: the best released
 # ImageNet-1k model of the variant, GSAM where released (the GSAM paper reports it above SAM
@@ -834,7 +835,8 @@ OFFICIAL_CHECKPOINTS = {
              "imagenet21k": "imagenet21k/Mixer-L_16.npz"},
 }
 WEIGHTS_URL = "https://storage.googleapis.com/mixer_models/"  # MIXER_WEIGHTS_URL overrides
-# Label sets by head size (ILSVRC-2012 order; Google's ImageNet-21k order), as text files with one name per line in class order.
+# Label sets by head size (ILSVRC-2012 order; Google's ImageNet-21k order), as text files with
+# one name per line in class order.
 LABEL_SETS = {"imagenet1k": 1000, "imagenet21k": 21843}
 DOWNLOAD_ATTEMPTS = 3  # a dropped connection is retried (resumed) this many times in all
 

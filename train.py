@@ -1,13 +1,13 @@
 """Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad.
 
-The recipe is the paper's (arXiv:2105.01601 §3 and the official vision_transformer configs): momentum
-SGD 0.9, gradient clipping at global norm 1, linear warmup then cosine decay, no weight decay,
-softmax cross-entropy, a zero-initialised head, random resized crop + horizontal flip.
+The recipe is the paper's (arXiv:2105.01601 §3 and the official vision_transformer configs):
+momentum SGD 0.9, gradient clipping at global norm 1, linear warmup then cosine decay, no weight
+decay, softmax cross-entropy, a zero-initialised head, random resized crop + horizontal flip.
 
     DATA_DIR/train/<class>/<image>     class names are the folder names, sorted
     DATA_DIR/val/<class>/<image>       optional; else --val-fraction of train is held out
 
-    python train.py DATA_DIR --weights weights/Mixer-S_32-gsam.safetensors --steps 2000
+    python train.py DATA_DIR --weights weights/gsam-Mixer-S_32.safetensors --steps 2000
     python train.py DATA_DIR --variant S/32 --epochs 30 --batch-size 64   # from scratch
     python train.py DATA_DIR --weights W.safetensors --image-size 448 ...  # Mixer.at_resolution
     python train.py --resume runs/20250101-120000                          # after Ctrl-C
@@ -81,7 +81,8 @@ RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every"}
 
 
 def get_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """The official schedule (linear warmup, then cosine decay to 0); steps count from 1, so the last one has lr 0."""
+    """The official schedule: linear warmup, then cosine decay to 0. Steps count from 1, so the
+    last one has lr 0."""
     progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
     lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr * min(1.0, step / warmup) if warmup > 0 else lr
