@@ -58,6 +58,20 @@ def test_compiled_path_stays_exact(backend, tol):
                                    err_msg=f"call {seed + 1}, batch {batch}")
 
 
+@pytest.mark.parametrize("hidden_chunk", [40 * 7, 40 * 75 - 1, 1])
+def test_numpy_chunked_mlp_matches_reference(monkeypatch, hidden_chunk):
+    """numpy's fused MLP runs a chunk of rows at a time; at test sizes one chunk holds every row,
+    so shrink the chunk: several chunks of 7 rows (the last one shorter), one short of all the
+    rows, and a single row per chunk."""
+    monkeypatch.setattr(mixer.NumpyOps, "HIDDEN_CHUNK", hidden_chunk)
+    params = random_params(SMALL, seed=6)
+    x = random_images(3, 20, seed=7)
+    logits, pre_logits = reference_forward(params, x)
+    model = mixer.Mixer(SMALL, params, backend="numpy")
+    np.testing.assert_allclose(model(x), logits, rtol=0, atol=TOLERANCE["numpy"])
+    np.testing.assert_allclose(model.features(x), pre_logits, rtol=0, atol=TOLERANCE["numpy"])
+
+
 def test_s32_matches_reference(backend, tol, s32_case):
     params, x, logits, pre_logits = s32_case
     model = mixer.Mixer(S32, params, backend=backend)
