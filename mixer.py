@@ -683,17 +683,19 @@ class Mixer:
         """Pre-logits (B, hidden_dim): the token mean after the pre-head LayerNorm."""
         return self._run(self._features, x)
 
-    def classify(self, images, top_k: int = 5, batch_size: int = 32):
+    def classify(self, images, top_k: int = 5, batch_size: int = 32, resize: str | None = None):
         """For each image (path, PIL image, or an array batch from preprocess) a list of
-        (index, label or None, probability), most probable first."""
+        (index, label or None, probability), most probable first. Paths and PIL images are
+        preprocessed a batch at a time (resize: default the weights file's, else "crop")."""
         if isinstance(images, np.ndarray):
-            batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+            batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
         else:
             images = list(images)
-            size, resize = self.config.image_size, self.preprocessing.get("resize", "crop")
-            batches = [np.stack([preprocess(im, size=size, resize=resize)
+            size = self.config.image_size
+            resize = resize or self.preprocessing.get("resize", "crop")
+            batches = (np.stack([preprocess(im, size=size, resize=resize)
                                  for im in images[i:i + batch_size]])
-                       for i in range(0, len(images), batch_size)]
+                       for i in range(0, len(images), batch_size))
         results = []
         for batch in batches:
             logits = self(batch).astype(np.float64)
@@ -1211,10 +1213,7 @@ def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k
     else:
         raise MixerError("give --weights FILE.safetensors, or --variant (e.g. --variant B/16) to "
                          "download the official checkpoint once")
-    resize = resize or model.preprocessing.get("resize", "crop")
-    batch = np.stack([preprocess(path, size=model.config.image_size, resize=resize)
-                      for path in images])
-    results = model.classify(batch, top_k=top_k)
+    results = model.classify(images, top_k=top_k, resize=resize)
     if json:
         doc = [{"image": path, "top_k": [{"index": i, "label": label, "probability": p}
                                          for i, label, p in top]}

@@ -284,6 +284,28 @@ def test_classify_array_batch(backend, tol):
     assert abs(sum(q for _, _, q in full) - 1) < 1e-6
 
 
+@pytest.mark.parametrize("resize", [None, "crop", "squash"])
+def test_classify_images_in_batches(resize):
+    """PIL images are preprocessed a batch at a time and give what the preprocessed array gives;
+    `resize` overrides the weights' own preprocessing (here "squash")."""
+    from PIL import Image
+    model = mixer.Mixer(SMALL, random_params(SMALL, seed=8), backend="numpy",
+                        preprocessing={"resize": "squash"})
+    rng = np.random.default_rng(9)
+    images = [Image.fromarray(rng.integers(0, 256, (30 + 7 * i, 45, 3), dtype=np.uint8))
+              for i in range(5)]
+    expected = np.stack([mixer.preprocess(im, size=20, resize=resize or "squash")
+                         for im in images])
+    got = model.classify(images, top_k=3, batch_size=2, resize=resize)
+    want = model.classify(expected, top_k=3)
+    assert [[i for i, _, _ in row] for row in got] == [[i for i, _, _ in row] for row in want]
+    np.testing.assert_allclose([[p for _, _, p in row] for row in got],
+                               [[p for _, _, p in row] for row in want], rtol=0, atol=1e-6)
+    if resize == "crop":  # the two geometries really differ on these non-square images
+        squashed = np.stack([mixer.preprocess(im, size=20, resize="squash") for im in images])
+        assert not np.allclose(expected, squashed)
+
+
 def test_classify_without_labels():
     model = mixer.Mixer(SMALL, random_params(SMALL), backend="numpy")
     assert model.labels is None
