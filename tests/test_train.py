@@ -208,10 +208,27 @@ def finetuned(request, dataset, pretrained, tmp_path_factory):
     return request.param, result, log
 
 
-def test_finetune_reaches_90_percent(finetuned):
+def test_finetune_reaches_90_percent(finetuned, dataset):
     backend, result, log = finetuned
     assert result.val_top1 >= 0.9 and result.best_val_top1 >= result.val_top1, log
     assert result.step == result.total_steps == 40 and not result.interrupted
+    # scored independently of train.py's evaluation: best.safetensors through mixer.py alone
+    model = mixer.load(os.path.join(result.run_dir, "best.safetensors"), backend="numpy")
+    images, truth = [], []
+    for label in sorted(os.listdir(os.path.join(dataset, "val"))):
+        folder = os.path.join(dataset, "val", label)
+        for name in sorted(os.listdir(folder)):
+            try:
+                images.append(mixer.preprocess(os.path.join(folder, name),
+                                               size=model.config.image_size,
+                                               resize=model.preprocessing["resize"]))
+            except mixer.MixerError:
+                continue  # the dataset's deliberately broken files
+            truth.append(label)
+    predicted = [top[0][1] for top in model.classify(np.stack(images), top_k=1)]
+    accuracy = np.mean([p == t for p, t in zip(predicted, truth)])
+    assert len(images) >= 20 and accuracy >= 0.9
+    assert accuracy == pytest.approx(result.best_val_top1, abs=1e-6)
 
 
 def test_run_dir_outputs(finetuned, dataset):
