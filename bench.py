@@ -357,9 +357,16 @@ def main(argv=None):
                "cpus": os.cpu_count(), "python": platform.python_version(),
                "numpy": np.__version__, "backends": backends, "torch": use_torch,
                "default_backend": mixer.default_backend(), "DEV": os.environ.get("DEV")}
+    # OpenBLAS's kernels decide the GEMM speed of numpy (and of MLX on Linux); an environment
+    # may force them (OPENBLAS_CORETYPE=Haswell runs an AVX-512 CPU at half speed)
+    blas = mixer.openblas()
+    machine["numpy_blas"] = blas.corename() if blas else None
+    machine.update({k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")})
     ceiling = gemm_ceiling()
     machine["gemm_gflops"] = ceiling
-    print(f"machine: {machine['platform']}, {machine['cpus']} CPUs; fp32 GEMM ceiling "
+    forced = {k: v for k, v in machine.items() if k.startswith("OPENBLAS_")}
+    print(f"machine: {machine['platform']}, {machine['cpus']} CPUs; numpy's OpenBLAS kernels: "
+          f"{machine['numpy_blas']}{' ' + str(forced) if forced else ''}; fp32 GEMM ceiling "
           f"{ceiling:.0f} GFLOP/s; default backend: {machine['default_backend']}")
 
     inference = []

@@ -23,6 +23,8 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert "fp32 GEMM ceiling" in printed and "inference" in printed
     doc = json.loads(out.read_text())
     assert doc["machine"]["gemm_gflops"] > 0
+    blas = mixer.openblas()
+    assert doc["machine"]["numpy_blas"] == (blas.corename() if blas else None)
     rows = doc["inference"]
     assert [(r["backend"], r["batch"]) for r in rows] == [("numpy", 1), ("numpy", 2)]
     for r in rows:
