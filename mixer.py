@@ -35,6 +35,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -213,6 +214,71 @@ def gelu_tanh(x, tanh):
     return 0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * (x * x * x))))
 
 
+class OpenBLAS:
+    """numpy's bundled OpenBLAS, reached through ctypes to read and set its thread count and to
+    name the kernels it picked. Not numpy API: `openblas()` returns None wherever it does not
+    apply (numpy on Accelerate or MKL, symbols renamed), and callers then run serially."""
+
+    _lock = threading.Lock()  # one thread-count change at a time: it is process-wide
+
+    def __init__(self, path, get_threads, set_threads, corename):
+        self.path, self._get, self._set, self._corename = path, get_threads, set_threads, corename
+
+    @classmethod
+    def find(cls) -> OpenBLAS | None:
+        import ctypes
+        import glob
+        root = os.path.dirname(np.__file__)
+        for path in sorted(glob.glob(os.path.join(root, os.pardir, "numpy.libs", "*openblas*"))
+                           + glob.glob(os.path.join(root, ".dylibs", "*openblas*"))):
+            try:
+                lib = ctypes.CDLL(path)  # already loaded by numpy: the same library instance
+            except OSError:
+                continue
+            for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                                   ("openblas", "64_"), ("openblas", "")):
+                fns = [getattr(lib, f"{prefix}_{name}{suffix}", None)
+                       for name in ("get_num_threads", "set_num_threads", "get_corename")]
+                if all(fns):
+                    get, set_, core = fns
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    set_.restype, set_.argtypes = None, [ctypes.c_int]
+                    core.restype, core.argtypes = ctypes.c_char_p, []
+                    return cls(path, get, set_, core)
+        return None
+
+    def threads(self) -> int:
+        return self._get()
+
+    def corename(self) -> str:
+        return self._corename().decode(errors="replace")
+
+    def map_single_threaded(self, fn, items: list) -> list:
+        """fn over items, one Python thread each, with OpenBLAS on one thread meanwhile so that
+        each GEMM runs in the thread that calls it. numpy releases the GIL in GEMMs and
+        element-wise loops, so every core does both. Other threads' numpy GEMMs in this
+        process run single-threaded until this returns."""
+        from concurrent.futures import ThreadPoolExecutor
+        with self._lock:
+            threads = self._get()
+            self._set(1)
+            try:
+                with ThreadPoolExecutor(len(items)) as pool:
+                    return list(pool.map(fn, items))
+            finally:
+                self._set(threads)
+
+
+_OPENBLAS: list = []
+
+
+def openblas() -> OpenBLAS | None:
+    """numpy's OpenBLAS (see OpenBLAS), looked up once."""
+    if not _OPENBLAS:
+        _OPENBLAS.append(OpenBLAS.find())
+    return _OPENBLAS[0]
+
+
 class NumpyOps:
     """Inference with numpy alone: large GEMMs, element-wise work in place and in cache, and T as
     a free view, so token mixing copies no activation."""
@@ -232,10 +298,12 @@ class NumpyOps:
         return y
 
     def layer_norm(self, x, scale, bias):
-        mean = x.mean(axis=-1, keepdims=True)
+        c = x.shape[-1]
+        mean = np.einsum("...c->...", x)[..., None]  # einsum: fewer passes than x.mean
+        mean *= 1.0 / c
         y = x - mean
         var = np.einsum("...c,...c->...", y, y)[..., None]
-        var *= 1.0 / x.shape[-1]
+        var *= 1.0 / c
         var += LN_EPS
         np.sqrt(var, out=var)
         y /= var
@@ -270,17 +338,17 @@ class NumpyOps:
 
     @staticmethod
     def _gelu_in_place(x, t):
-        """x <- gelu(x), with t as scratch. 0.5 * (1 + tanh(u)) == 1 / (1 + exp(-2u)): the same
-        function in 7 passes instead of 9. exp overflows to inf for very negative x, and
-        x / inf = -0 is the right limit."""
-        with np.errstate(over="ignore"):
-            np.multiply(x, x, out=t)
-            t *= -2.0 * GELU_C * 0.044715
-            t -= 2.0 * GELU_C
-            t *= x
-            np.exp(t, out=t)
-        t += 1.0
-        np.divide(x, t, out=x)
+        """x <- gelu(x) = x * (0.5 + 0.5 * tanh(GELU_C * (x + 0.044715 x^3))), with t as scratch:
+        8 passes, 25-35% faster than 7 passes through exp and a divide (numpy's float32 tanh is
+        SIMD and exp is slower)."""
+        np.multiply(x, x, out=t)
+        t *= GELU_C * 0.044715
+        t += GELU_C
+        t *= x
+        np.tanh(t, out=t)
+        t *= 0.5
+        t += 0.5
+        x *= t
 
     def swap(self, x):
         return x.transpose(0, 2, 1)
@@ -288,8 +356,26 @@ class NumpyOps:
     def patchify(self, x, p):
         return _patchify(x, p, lambda a, axes: a.transpose(axes))
 
+    # Data-parallel only from this many token rows per thread (S/32 at batch 4 and up, B/16 at
+    # 2): below it, every thread reading every weight from memory costs what the threads gain.
+    MIN_ROWS_PER_THREAD = 96
+
     def compile(self, fn):
-        return fn
+        """fn, run data-parallel on large batches: the images split across one Python thread per
+        BLAS thread, BLAS single-threaded meanwhile. Alone, numpy runs the element-wise work
+        (GELU, LayerNorm, residuals: ~15% of B/16's time here) on one core while BLAS's threads
+        spin; split, every core runs its share of everything (1.13x on B/16 at batch 32)."""
+        def run(params, x):
+            blas = openblas()
+            p = params["stem/kernel"].shape[0]
+            rows = x.shape[0] * (x.shape[1] // p) * (x.shape[2] // p)
+            b = x.shape[0]
+            n = min(b, rows // self.MIN_ROWS_PER_THREAD, blas.threads() if blas else 1)
+            if n < 2 or b / (n * -(-b // n)) < 0.9:  # serial, or too unequal (3 images on 2)
+                return fn(params, x)
+            parts = blas.map_single_threaded(lambda part: fn(params, part), np.array_split(x, n))
+            return np.concatenate(parts)
+        return run
 
 
 class MlxOps:
@@ -314,8 +400,17 @@ class MlxOps:
         return self.mx.fast.layer_norm(x, scale, bias, LN_EPS)
 
     def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):
-        h = gelu_tanh(self.dense(x, kernel_0, bias_0), self.mx.tanh)
-        return self.dense(h, kernel_1, bias_1)
+        return self.dense(self._gelu(self.dense(x, kernel_0, bias_0)), kernel_1, bias_1)
+
+    @staticmethod
+    def _gelu(x):
+        # tanh GELU as x / (1 + exp(-2 GELU_C u)), the same function: 1.55x faster than through
+        # tanh on MLX's CPU backend, whose transcendentals are scalar (tanh 0.06 G/s, exp 0.10).
+        # The exponent is capped at 80 so that exp stays finite: an inf would make the
+        # gradient inf * 0 = nan.
+        import mlx.core as mx
+        z = (-2.0 * GELU_C) * (x + 0.044715 * (x * x * x))
+        return x / (1.0 + mx.exp(mx.minimum(z, 80.0)))
 
     def patchify(self, x, p):
         return _patchify(x, p, self.mx.transpose)

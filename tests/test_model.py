@@ -8,7 +8,7 @@ import pytest
 
 import mixer
 from conftest import TOLERANCE, assert_placed
-from reference import gelu_erf, random_images, random_params, reference_forward
+from reference import gelu_erf, gelu_tanh, random_images, random_params, reference_forward
 
 # Small, with every dimension different so that a swapped axis cannot go unnoticed:
 # P=4 on 20x20 images -> S=25 tokens, C=24, D_S=12, D_C=40, 3 blocks, 7 classes.
@@ -70,6 +70,87 @@ def test_numpy_chunked_mlp_matches_reference(monkeypatch, hidden_chunk):
     model = mixer.Mixer(SMALL, params, backend="numpy")
     np.testing.assert_allclose(model(x), logits, rtol=0, atol=TOLERANCE["numpy"])
     np.testing.assert_allclose(model.features(x), pre_logits, rtol=0, atol=TOLERANCE["numpy"])
+
+
+def test_gelu_rewrites_hold_at_extremes():
+    """numpy and MLX compute tanh GELU through rewritten formulas (faster on their CPUs); far
+    out in both tails they must still give the function, and MLX's gradient must stay finite
+    where exp would overflow."""
+    x = np.concatenate([np.linspace(-60, 60, 2401), [-1e4, -100, -12.5, 12.5, 100, 1e4]])
+    x = x.astype(np.float32)
+    want = gelu_tanh(x.astype(np.float64))
+    ours = x.copy()
+    mixer.NumpyOps._gelu_in_place(ours, np.empty_like(ours))
+    np.testing.assert_allclose(ours, want, rtol=2e-6, atol=1e-6)
+    mx = mixer._import_mlx()
+    np.testing.assert_allclose(np.array(mixer.MlxOps._gelu(mx.array(x))), want, rtol=2e-6,
+                               atol=1e-6)
+    grad = np.array(mx.grad(lambda a: mixer.MlxOps._gelu(a).sum())(mx.array(x)))
+    assert np.isfinite(grad).all()
+    assert abs(grad[x == -100]).max() < 1e-6 and abs(grad[x == 100] - 1).max() < 1e-6
+
+
+def numpy_openblas():
+    """numpy's OpenBLAS must be found wherever numpy says it was built on it (every wheel for
+    Linux, Windows and Intel macOS)."""
+    blas = mixer.openblas()
+    if np.__config__.CONFIG["Build Dependencies"]["blas"]["name"] != "scipy-openblas":
+        pytest.skip("this numpy is not built on its bundled OpenBLAS")
+    assert blas is not None, "numpy's bundled OpenBLAS was not found"
+    return blas
+
+
+class TwoThreads:
+    """The real OpenBLAS, reporting 2 threads whatever the machine, and recording each split."""
+
+    def __init__(self, blas):
+        self.blas, self.splits = blas, []
+
+    def threads(self):
+        return 2
+
+    def map_single_threaded(self, fn, items):
+        self.splits.append([len(item) for item in items])
+        return self.blas.map_single_threaded(fn, items)
+
+
+def test_numpy_data_parallel_matches_reference(monkeypatch):
+    """Large batches run split across threads with OpenBLAS single-threaded meanwhile; the result
+    must be the reference's, and OpenBLAS's thread count must be restored afterwards."""
+    blas = numpy_openblas()
+    threads = blas.threads()
+    spy = TwoThreads(blas)
+    monkeypatch.setattr(mixer, "openblas", lambda: spy)
+    monkeypatch.setattr(mixer.NumpyOps, "MIN_ROWS_PER_THREAD", 2 * 25)  # SMALL has 25 tokens
+    params = random_params(SMALL, seed=9)
+    model = mixer.Mixer(SMALL, params, backend="numpy")
+    x = random_images(6, 20, seed=10)
+    logits, pre_logits = reference_forward(params, x)
+    np.testing.assert_allclose(model(x), logits, rtol=0, atol=TOLERANCE["numpy"])
+    np.testing.assert_allclose(model.features(x), pre_logits, rtol=0, atol=TOLERANCE["numpy"])
+    assert spy.splits == [[3, 3], [3, 3]]
+    assert blas.threads() == threads
+    # serial: too few rows per thread (1 image of 25 tokens each), and 3 images on 2 threads
+    for batch in (2, 3):
+        x = random_images(batch, 20, seed=11)
+        np.testing.assert_allclose(model(x), reference_forward(params, x)[0], rtol=0,
+                                   atol=TOLERANCE["numpy"])
+    assert len(spy.splits) == 2
+
+
+def test_openblas_threads_restored_after_an_error():
+    blas = numpy_openblas()
+    threads = blas.threads()
+    seen = []
+
+    def fail(item):
+        seen.append(blas.threads())
+        raise ValueError(item)
+
+    with pytest.raises(ValueError):
+        blas.map_single_threaded(fail, ["a", "b"])
+    assert seen and set(seen) == {1} and blas.threads() == threads  # map may cancel the 2nd
+    assert blas.corename()  # the kernels OpenBLAS picked, as bench.py reports them
 
 
 def test_s32_matches_reference(backend, tol, s32_case):
