@@ -207,6 +207,7 @@ def check_shapes(config: MixerConfig, shapes: dict[str, tuple[int, ...]], what: 
 #   swap(x)                           (B, M, N) -> (B, N, M): the paper's T, a view where possible
 #   patchify(x, p)                    (B, H, W, 3) -> (B, H/p * W/p, p * p * 3), row-major
 #   compile(fn)                       the backend's compiled version of fn(params, x)
+# Each takes dtype (COMPUTE_DTYPES): what asarray makes, and so what the forward computes in.
 # Arithmetic (+), reshape and mean(axis) are the arrays' own, the same on all three.
 
 
@@ -283,6 +284,13 @@ class NumpyOps:
     """Inference with numpy alone: large GEMMs, element-wise work in place and in cache, and T as
     a free view, so token mixing copies no activation."""
     name = "numpy"
+
+    def __init__(self, dtype: str = "float32"):
+        if dtype != "float32":
+            raise MixerError(f"the numpy backend computes in float32 only (numpy has no fast "
+                             f"{dtype} matmul): use --backend mlx or tinygrad for {dtype}")
+        self.dtype = dtype
+
     HIDDEN_CHUNK = 1 << 21  # hidden activations per MLP chunk (8 MiB): measured best on B/16
 
     def asarray(self, a):
@@ -381,11 +389,14 @@ class NumpyOps:
 class MlxOps:
     name = "mlx"
 
-    def __init__(self):
+    def __init__(self, dtype: str = "float32"):
         self.mx = _import_mlx()
+        self.dtype = _check_dtype(dtype)
+        self._dtype = getattr(self.mx, dtype)
 
     def asarray(self, a):
-        return self.mx.array(np.asarray(a, dtype=np.float32))
+        a = self.mx.array(np.asarray(a, dtype=np.float32))
+        return a if self.dtype == "float32" else a.astype(self._dtype)
 
     def numpy(self, a):
         return np.asarray(a if a.dtype == self.mx.float32 else a.astype(self.mx.float32))
@@ -422,16 +433,36 @@ class MlxOps:
 class TinygradOps:
     name = "tinygrad"
 
-    def __init__(self):
+    def __init__(self, dtype: str = "float32"):
         self.tg = _import_tinygrad()
+        self.dtype = _check_dtype(dtype)
+        self._dtype = getattr(self.tg.dtypes, dtype)
+        if dtype != "float32" and not self._device_computes(self._dtype):
+            raise MixerError(f"tinygrad's {self.tg.Device.DEFAULT} device cannot compute in "
+                             f"{dtype} here: use another dtype (float32 always works) or device")
+
+    def _device_computes(self, dtype) -> bool:
+        """Whether the default device declares `dtype` and compiles a kernel with it: tinygrad
+        declares bfloat16 on CPU, but clang before 17 has no x86 __bf16; PoCL's CL declares no
+        float16 (its half path ran 10x less accurately than the CPU's when forced)."""
+        device = self.tg.Device[self.tg.Device.DEFAULT]
+        supported = getattr(getattr(device, "renderer", None), "supported_dtypes", None)
+        if supported is not None and dtype not in supported():
+            return False
+        try:
+            stored = self.tg.Tensor([1.5, -2.0]).cast(dtype).realize()  # a kernel that writes it
+            return stored.float().tolist() == [1.5, -2.0]
+        except Exception:  # the device's compiler rejects the kernel
+            return False
 
     def asarray(self, a):
         # np.array copies: tinygrad's OpenCL upload needs a writable buffer, and weights
         # memory-mapped by read_safetensors are read-only
-        return self.tg.Tensor(np.array(a, dtype=np.float32, order="C")).realize()
+        t = self.tg.Tensor(np.array(a, dtype=np.float32, order="C"))
+        return (t if self.dtype == "float32" else t.cast(self._dtype)).realize()
 
     def numpy(self, a):
-        return a.numpy()
+        return a.float().numpy()
 
     def dense(self, x, kernel, bias):
         return x @ kernel + bias
@@ -440,7 +471,8 @@ class TinygradOps:
         return x.transpose(1, 2)
 
     def layer_norm(self, x, scale, bias):
-        return x.layernorm(axis=-1, eps=LN_EPS) * scale + bias
+        # statistics in float32 whatever the compute dtype (a no-op cast in float32)
+        return x.float().layernorm(axis=-1, eps=LN_EPS).cast(x.dtype) * scale + bias
 
     def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):
         h = gelu_tanh(self.dense(x, kernel_0, bias_0), lambda t: t.tanh())
@@ -534,11 +566,22 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def get_ops(backend: str | None):
+# float16 and bfloat16 halve the weights' memory and, on GPUs, roughly double matmul speed;
+# LayerNorm statistics stay float32 (MLX's fast.layer_norm accumulates in float32 too).
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in COMPUTE_DTYPES:
+        raise MixerError(f"unknown dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    return dtype
+
+
+def get_ops(backend: str | None, dtype: str = "float32"):
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise MixerError(f"unknown backend {backend!r}: expected one of {sorted(BACKENDS)}")
-    return BACKENDS[backend]()
+    return BACKENDS[backend](_check_dtype(dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,6 +679,23 @@ class _Bfloat16Bits(np.ndarray):
     """Marks a uint16 array that holds bfloat16 bit patterns."""
 
 
+def _drop_mapped_pages(a: np.ndarray) -> None:
+    """Once a memory-mapped tensor is copied onto a backend, drops its pages from this process's
+    resident set (the file stays in the page cache; a later read maps them back), so that a load
+    onto MLX or tinygrad does not hold the whole file and its copy at once."""
+    import mmap
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or a.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    origin = np.frombuffer(base, np.uint8).__array_interface__["data"][0]
+    start = a.__array_interface__["data"][0] - origin
+    page = mmap.PAGESIZE
+    begin, end = start - start % page, min(len(base), -(-(start + a.nbytes) // page) * page)
+    base.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+
 def as_float32(a: np.ndarray) -> np.ndarray:
     """float32 view or copy of a tensor from read_safetensors (F32 stays a zero-copy view)."""
     if isinstance(a, _Bfloat16Bits):
@@ -729,10 +789,15 @@ DEFAULT_PREPROCESSING = {"resize": "crop", "crop_pct": 0.875, "interpolation": "
 
 
 class Mixer:
-    """A Mixer with its weights on one backend. Call it on float32 NHWC numpy images in [-1, 1]."""
+    """A Mixer with its weights on one backend. Call it on float32 NHWC numpy images in [-1, 1].
+
+    dtype: what the weights are held and computed in ("float32", or "float16"/"bfloat16" on mlx
+    and tinygrad); outputs are float32 numpy arrays either way.
+    """
 
     def __init__(self, config: MixerConfig, params: dict, backend: str | None = None,
-                 labels: list[str] | None = None, preprocessing: dict | None = None):
+                 labels: list[str] | None = None, preprocessing: dict | None = None,
+                 dtype: str = "float32"):
         check_shapes(config, {k: tuple(v.shape) for k, v in params.items()}, "weights")
         if labels is not None and (config.num_classes is None or len(labels) != config.num_classes):
             raise MixerError(f"{len(labels)} labels given for a head with "
@@ -740,16 +805,26 @@ class Mixer:
         self.config = config
         self.labels = list(labels) if labels is not None else None
         self.preprocessing = dict(preprocessing or DEFAULT_PREPROCESSING)
-        self._ops = get_ops(backend)
-        self.backend = self._ops.name
-        self.params = {k: v if self._is_backend_array(v) else self._ops.asarray(as_float32(v))
-                       for k, v in params.items()}
+        self._ops = get_ops(backend, dtype)
+        self.backend, self.dtype = self._ops.name, dtype
+        self.params = {}
+        for k, v in params.items():
+            if self._is_backend_array(v):
+                self.params[k] = v
+            else:
+                self.params[k] = self._ops.asarray(as_float32(v))
+                _drop_mapped_pages(v)
         n = config.num_blocks
         self._logits = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=True))
         self._features = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=False))
 
     def _is_backend_array(self, v) -> bool:
-        return not isinstance(v, np.ndarray) or self.backend == "numpy" and v.dtype == np.float32
+        if isinstance(v, np.ndarray):
+            return self.backend == "numpy" and v.dtype == np.float32
+        if self.dtype != "float32" and str(v.dtype).split(".")[-1] != self.dtype:
+            raise MixerError(f"weights given as {self.backend} arrays of {v.dtype}: pass numpy "
+                             f"arrays to hold them as {self.dtype}")
+        return True
 
     def _run(self, fn, x):
         x = np.asarray(x)
@@ -836,7 +911,7 @@ class Mixer:
             params[b + "Dense_1/bias"] = params[b + "Dense_1/bias"][s]
         config = dataclasses.replace(self.config, image_size=image_size, tokens_mlp_dim=k * k * d)
         return Mixer(config, params, backend=self.backend, labels=self.labels,
-                     preprocessing=self.preprocessing)
+                     preprocessing=self.preprocessing, dtype=self.dtype)
 
     def save(self, path: str, dtype: str = "float32", source: str | None = None) -> None:
         metadata = {"format": "mixer", "mixer.format_version": FORMAT_VERSION,
@@ -850,12 +925,14 @@ class Mixer:
 
     def __repr__(self):
         name = self.config.variant or "custom"
+        dtype = "" if self.dtype == "float32" else f", dtype={self.dtype}"
         return (f"Mixer({name}, {self.config.image_size}px, classes={self.config.num_classes}, "
-                f"backend={self.backend})")
+                f"backend={self.backend}{dtype})")
 
 
-def load(path: str, backend: str | None = None) -> Mixer:
-    """Loads a mixer safetensors file onto `backend` (None: `default_backend()`).
+def load(path: str, backend: str | None = None, dtype: str = "float32") -> Mixer:
+    """Loads a mixer safetensors file onto `backend` (None: `default_backend()`), its weights
+    held and computed in `dtype` (see Mixer).
 
     Strict: any missing, extra or misshapen tensor is an error that names it. Files without our
     metadata (e.g. written by another tool with the official names) have their config read off
@@ -870,7 +947,8 @@ def load(path: str, backend: str | None = None) -> Mixer:
     if labels is not None and not all(isinstance(label, str) for label in labels):
         raise MixerError(f"{path}: metadata 'mixer.labels' must be a JSON list of strings")
     preprocessing = _json_metadata(metadata, "mixer.preprocessing", path, dict)
-    return Mixer(config, tensors, backend=backend, labels=labels, preprocessing=preprocessing)
+    return Mixer(config, tensors, backend=backend, labels=labels, preprocessing=preprocessing,
+                 dtype=dtype)
 
 
 def _json_metadata(metadata, key, path, kind):
@@ -1100,18 +1178,19 @@ def cache_path(checkpoint: str) -> str:
 
 
 def pretrained(variant: str, source: str | None = None, backend: str | None = None,
-               progress=None) -> Mixer:
+               progress=None, dtype: str = "float32") -> Mixer:
     """The official checkpoint of a variant (see OFFICIAL_CHECKPOINTS), downloaded, checked and
     converted on first use, then loaded from cache_path() with no network access.
 
     progress(done, total) is called as the download proceeds (see download).
     """
     checkpoint = official_checkpoint(variant, source)
+    get_ops(backend, dtype)  # an unusable backend or dtype fails here, before any download
     path = cache_path(checkpoint)
     if not os.path.exists(path):
         _download_official(variant, checkpoint, path, progress)
     try:
-        model = load(path, backend=backend)
+        model = load(path, backend=backend, dtype=dtype)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
     if model.labels is None:  # converted where the label files were missing; they may be here now
@@ -1284,6 +1363,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "gsam where released, else imagenet1k)")
     parser.add_argument("--backend", choices=sorted(BACKENDS),
                         help="default: MIXER_BACKEND, else chosen by the machine")
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+                        help="compute dtype; float16/bfloat16 need --backend mlx or tinygrad "
+                             "and pay off on GPUs")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--resize", choices=["crop", "squash"],
                         help="crop: shorter side to size/0.875, centre crop (default); "
@@ -1293,7 +1375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k=5, resize=None,
-            json=False):
+            json=False, dtype="float32"):
     """The CLI as a function: returns the text it prints."""
     if top_k < 1:
         raise MixerError(f"--top-k must be at least 1, got {top_k}")
@@ -1302,9 +1384,9 @@ def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k
     if source is not None and variant is None:
         raise MixerError("--source picks an official checkpoint: use it with --variant")
     if variant is not None:
-        model = _cli_pretrained(variant, source, backend)
+        model = _cli_pretrained(variant, source, backend, dtype)
     elif weights is not None:
-        model = load(weights, backend=backend)
+        model = load(weights, backend=backend, dtype=dtype)
     else:
         raise MixerError("give --weights FILE.safetensors, or --variant (e.g. --variant B/16) to "
                          "download the official checkpoint once")
@@ -1325,13 +1407,14 @@ def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k
 _json_dumps = json.dumps  # run_cli's `json` argument shadows the module
 
 
-def _cli_pretrained(variant, source, backend):
+def _cli_pretrained(variant, source, backend, dtype):
     """pretrained() with the CLI's notes on stderr; stdout stays the result (--json safe)."""
     checkpoint = official_checkpoint(variant, source)
     fresh = not os.path.exists(cache_path(checkpoint))
     bar = _ProgressBar(checkpoint, sys.stderr)
     try:
-        model = pretrained(variant, source, backend=backend, progress=bar if fresh else None)
+        model = pretrained(variant, source, backend=backend, progress=bar if fresh else None,
+                           dtype=dtype)
     finally:
         bar.close()
     if fresh:

@@ -171,6 +171,25 @@ def test_backends_agree(files):
                                        atol=1e-4, err_msg=backend)
 
 
+def test_half_precision_dtype(files):
+    """--dtype float16 on MLX gives the float32 answer to half precision; numpy refuses it with
+    one line that says which backends can."""
+    paths = [files["rgb.jpg"], files["cmyk.jpg"]]
+    result = run(["mixer.py", *paths, "--weights", files["weights"], "--backend", "mlx",
+                  "--dtype", "float16", "--json", "--top-k", "6"])
+    assert result.returncode == 0, result.stderr
+    indices, probs = indices_and_probs(check_json(result.stdout, paths, 6))
+    top, expected = expected_top(files, ["rgb.jpg", "cmyk.jpg"], 6)
+    for row, idx, p in zip(range(len(paths)), indices, probs):
+        np.testing.assert_allclose(p[np.argsort(idx)], expected[row][np.argsort(top[row])],
+                                   rtol=0, atol=5e-3)
+    result = run(["mixer.py", *paths, "--weights", files["weights"], "--backend", "numpy",
+                  "--dtype", "bfloat16"])
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "mixer: error: the numpy backend computes in float32 only (numpy has no fast bfloat16 "
+        "matmul): use --backend mlx or tinygrad for bfloat16"]
+
+
 @pytest.fixture(scope="module")
 def bad_files(files, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")

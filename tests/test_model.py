@@ -162,6 +162,36 @@ def test_s32_matches_reference(backend, tol, s32_case):
     np.testing.assert_allclose(model.features(x), pre_logits, rtol=0, atol=tol)
 
 
+# Half precision against the float64 reference, as a share of the largest |logit| (logits are
+# O(1)): float16 keeps 11 significant bits, bfloat16 8, so their errors are ~1e-3 and ~1e-2.
+HALF_TOLERANCE = {"float16": 5e-3, "bfloat16": 4e-2}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_matches_reference(backend, dtype, s32_case):
+    params, x, logits, pre_logits = s32_case
+    if backend == "numpy":
+        with pytest.raises(mixer.MixerError, match="float32 only"):
+            mixer.Mixer(S32, params, backend=backend, dtype=dtype)
+        return
+    try:
+        model = mixer.Mixer(S32, params, backend=backend, dtype=dtype)
+    except mixer.MixerError as e:
+        # tinygrad devices may lack a dtype (clang < 17 has no x86 bfloat16; PoCL declares no
+        # float16); that must be a clear error, and never on MLX or for float16 on the CPU
+        from tinygrad import Device
+        assert backend == "tinygrad" and (Device.DEFAULT, dtype) != ("CPU", "float16"), e
+        assert f"cannot compute in {dtype}" in str(e)
+        return
+    assert_placed(model)
+    assert str(model.params["stem/kernel"].dtype).split(".")[-1] in (dtype, "half")
+    assert repr(model).endswith(f"dtype={dtype})")
+    for ours, want in ((model(x), logits), (model.features(x), pre_logits)):
+        assert ours.dtype == np.float32
+        error = np.abs(ours - want).max() / np.abs(want).max()
+        assert error < HALF_TOLERANCE[dtype], f"{dtype} off by {error:.2e} of the largest output"
+
+
 def test_headless_model(backend, tol):
     config = dataclasses.replace(SMALL, num_classes=None)
     params = random_params(config, seed=3)
