@@ -59,9 +59,10 @@ def gemm_ceiling(n: int = 2048, seconds: float = 3.0) -> float:
 class TorchMixer:
     """The same forward in PyTorch eager (NCHW conv stem, as timm does), for comparison only."""
 
-    def __init__(self, config, params, requires_grad=False):
+    def __init__(self, config, params, requires_grad=False, device="cpu", dtype="float32"):
         import torch
         self.torch, self.config = torch, config
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.p = {}
         for k, v in params.items():
             t = torch.from_numpy(np.ascontiguousarray(v))
@@ -69,7 +70,8 @@ class TorchMixer:
                 t = t.permute(3, 2, 0, 1)  # HWIO -> OIHW for conv2d
             elif k.endswith("/kernel"):
                 t = t.t()  # (in, out) -> (out, in) for F.linear
-            self.p[k] = t.contiguous().requires_grad_(requires_grad)
+            t = t.to(self.device, self.dtype).contiguous()
+            self.p[k] = t.requires_grad_(requires_grad)
         self.backend = "torch"
 
     def forward(self, x):
@@ -90,8 +92,10 @@ class TorchMixer:
         return F.linear(x, p["head/kernel"], p["head/bias"])
 
     def __call__(self, x):
+        """Like a Mixer: float32 numpy in and out (on a GPU, the copies are part of the call)."""
         with self.torch.inference_mode():
-            return self.forward(self.torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+            x = self.torch.from_numpy(x).to(self.device, self.dtype).permute(0, 3, 1, 2)
+            return self.forward(x).float().cpu().numpy()
 
 
 def torch_train_throughput(variant="S/32", batch_size=32, steps=3) -> float:
@@ -121,14 +125,18 @@ def torch_train_throughput(variant="S/32", batch_size=32, steps=3) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def build_model(config, backend):
+def build_model(config, backend, dtype="float32", torch_device="cpu"):
     params = mixer.init_params(config, seed=0)
     rng = np.random.default_rng(1)  # a non-zero head, so the head's GEMM is real work
     params["head/kernel"] = rng.standard_normal(params["head/kernel"].shape,
                                                 dtype=np.float32) * 0.02
     if backend == "torch":
-        return TorchMixer(config, params)
-    return mixer.Mixer(config, params, backend=backend)
+        return TorchMixer(config, params, device=torch_device, dtype=dtype)
+    return mixer.Mixer(config, params, backend=backend, dtype=dtype)
+
+
+# How far each backend's logits may be from the first's (a sanity check, not a parity test)
+AGREEMENT = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
 
 
 def time_call(model, x, min_seconds, min_runs=3):
@@ -143,17 +151,24 @@ def time_call(model, x, min_seconds, min_runs=3):
     return statistics.median(times)
 
 
-def worker(backend, variant, max_call_seconds):
+def worker(backend, variant, options):
     """One backend in its own process (threads of different BLAS/OpenMP runtimes in one process
     spin against each other). Reads {"batch", "seconds"} lines, answers {"seconds", "logits"},
-    or {"skipped"} when a first call takes longer than max_call_seconds."""
+    or {"skipped"} when a first call takes longer than max_call_seconds or the backend cannot
+    run the dtype."""
     config = mixer.VARIANTS[variant]
-    model = build_model(config, backend)
-    inputs, skipped = {}, {}
+    max_call_seconds = options["max_call_seconds"]
+    inputs, skipped, unusable = {}, {}, None
+    try:
+        model = build_model(config, backend, options["dtype"], options["torch_device"])
+    except mixer.MixerError as e:
+        unusable = str(e)
     for line in sys.stdin:
         cmd = json.loads(line)
         bs = cmd["batch"]
-        if bs not in inputs:
+        if unusable:
+            skipped[bs] = unusable
+        elif bs not in inputs:
             rng = np.random.default_rng(2)
             inputs[bs] = rng.uniform(-1, 1, (bs, config.image_size, config.image_size, 3)
                                      ).astype(np.float32)
@@ -175,9 +190,9 @@ def worker(backend, variant, max_call_seconds):
 
 
 class Worker:
-    def __init__(self, backend, variant, max_call_seconds):
+    def __init__(self, backend, variant, options):
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
-                                      backend, variant, str(max_call_seconds)],
+                                      backend, variant, json.dumps(options)],
                                      stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
 
@@ -194,11 +209,11 @@ class Worker:
         self.proc.wait()
 
 
-def bench_inference(variant, backends, batch_sizes, rounds, seconds, max_call_seconds):
+def bench_inference(variant, backends, batch_sizes, rounds, seconds, options):
     """Interleaved rounds: each round times every backend once; each backend's best round counts.
     Only one worker computes at a time; the others wait on their pipe."""
     config = mixer.VARIANTS[variant]
-    workers = {b: Worker(b, variant, max_call_seconds) for b in backends}
+    workers = {b: Worker(b, variant, options) for b in backends}
     rows = []
     try:
         for bs in batch_sizes:
@@ -217,7 +232,7 @@ def bench_inference(variant, backends, batch_sizes, rounds, seconds, max_call_se
                         logits[b] = np.array(answer["logits"])
             first = next(iter(logits), None)
             for b, out in logits.items():  # same weights and input: the outputs must agree
-                if np.abs(out - logits[first]).max() > 1e-3:
+                if np.abs(out - logits[first]).max() > AGREEMENT[options["dtype"]]:
                     raise SystemExit(f"{b} disagrees with {first} on {variant}: max |diff| "
                                      f"{np.abs(out - logits[first]).max():.2e}")
             for b, t in best.items():
@@ -330,6 +345,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per backend per round")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--dtype", choices=mixer.COMPUTE_DTYPES, default="float32",
+                        help="compute dtype of the inference runs, PyTorch's too (numpy: float32 "
+                             "only, so skipped otherwise)")
+    parser.add_argument("--torch-device", default="cpu",
+                        help="PyTorch's device, e.g. cuda to compare with DEV=CUDA tinygrad")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI wall-time/RSS runs")
     parser.add_argument("--no-train", action="store_true", help="skip training throughput")
     parser.add_argument("--train-steps", type=int, default=3, help="timed training steps")
@@ -341,11 +361,11 @@ def main(argv=None):
                              "on a CPU without BEAM at B/16, batch 32)")
     parser.add_argument("--train-worker", nargs=2, metavar=("BACKEND", "STEPS"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "VARIANT", "MAX_CALL_SECONDS"),
+    parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "VARIANT", "OPTIONS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args.worker[0], args.worker[1], float(args.worker[2]))
+        return worker(args.worker[0], args.worker[1], json.loads(args.worker[2]))
     if args.train_worker:
         return train_worker(args.train_worker[0], int(args.train_worker[1]))
 
@@ -356,7 +376,8 @@ def main(argv=None):
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "cpus": os.cpu_count(), "python": platform.python_version(),
                "numpy": np.__version__, "backends": backends, "torch": use_torch,
-               "default_backend": mixer.default_backend(), "DEV": os.environ.get("DEV")}
+               "default_backend": mixer.default_backend(), "DEV": os.environ.get("DEV"),
+               "dtype": args.dtype, "torch_device": args.torch_device if use_torch else None}
     # OpenBLAS's kernels decide the GEMM speed of numpy (and of MLX on Linux); an environment
     # may force them (OPENBLAS_CORETYPE=Haswell runs an AVX-512 CPU at half speed)
     blas = mixer.openblas()
@@ -373,7 +394,8 @@ def main(argv=None):
     for variant in args.variants:
         inference += bench_inference(variant, backends + ["torch"] * use_torch,
                                      args.batch_sizes, args.rounds, args.seconds,
-                                     args.max_call_seconds)
+                                     {"max_call_seconds": args.max_call_seconds,
+                                      "dtype": args.dtype, "torch_device": args.torch_device})
     for row in inference:
         if "skipped" in row:
             continue

@@ -33,3 +33,17 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
         assert 0 < r["of_ceiling"]
     [cli] = doc["cli"]
     assert cli["second_s"] > 0 and cli["peak_rss_mib"] > cli["weights_mib"] > 0
+
+
+def test_bench_half_precision(tmp_path):
+    """--dtype float16: MLX runs it (and PyTorch, when installed, in float16 too); numpy, which
+    computes in float32 only, is reported as skipped rather than failing the run."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--variants", "S/32", "--backends", "numpy", "mlx", "--batch-sizes", "1",
+                       "--rounds", "1", "--seconds", "0", "--no-cli", "--no-train",
+                       "--dtype", "float16", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["dtype"] == "float16"
+    rows = {r["backend"]: r for r in doc["inference"]}
+    assert "float32 only" in rows["numpy"]["skipped"]
+    assert rows["mlx"]["images_per_s"] > 0
