@@ -382,10 +382,10 @@ def main(argv=None):
     # may force them (OPENBLAS_CORETYPE=Haswell runs an AVX-512 CPU at half speed)
     blas = mixer.openblas()
     machine["numpy_blas"] = blas.corename() if blas else None
-    machine.update({k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")})
+    forced = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")}
+    machine.update(forced)
     ceiling = gemm_ceiling()
     machine["gemm_gflops"] = ceiling
-    forced = {k: v for k, v in machine.items() if k.startswith("OPENBLAS_")}
     print(f"machine: {machine['platform']}, {machine['cpus']} CPUs; numpy's OpenBLAS kernels: "
           f"{machine['numpy_blas']}{' ' + str(forced) if forced else ''}; fp32 GEMM ceiling "
           f"{ceiling:.0f} GFLOP/s; default backend: {machine['default_backend']}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import http.client
 import json
 import math
@@ -222,8 +223,8 @@ class OpenBLAS:
 
     _lock = threading.Lock()  # one thread-count change at a time: it is process-wide
 
-    def __init__(self, path, get_threads, set_threads, corename):
-        self.path, self._get, self._set, self._corename = path, get_threads, set_threads, corename
+    def __init__(self, get_threads, set_threads, corename):
+        self._get, self._set, self._corename = get_threads, set_threads, corename
 
     @classmethod
     def find(cls) -> OpenBLAS | None:
@@ -245,7 +246,7 @@ class OpenBLAS:
                     get.restype, get.argtypes = ctypes.c_int, []
                     set_.restype, set_.argtypes = None, [ctypes.c_int]
                     core.restype, core.argtypes = ctypes.c_char_p, []
-                    return cls(path, get, set_, core)
+                    return cls(get, set_, core)
         return None
 
     def threads(self) -> int:
@@ -270,14 +271,10 @@ class OpenBLAS:
                 self._set(threads)
 
 
-_OPENBLAS: list = []
-
-
+@functools.cache
 def openblas() -> OpenBLAS | None:
     """numpy's OpenBLAS (see OpenBLAS), looked up once."""
-    if not _OPENBLAS:
-        _OPENBLAS.append(OpenBLAS.find())
-    return _OPENBLAS[0]
+    return OpenBLAS.find()
 
 
 class NumpyOps:
@@ -286,7 +283,7 @@ class NumpyOps:
     name = "numpy"
 
     def __init__(self, dtype: str = "float32"):
-        if dtype != "float32":
+        if _check_dtype(dtype) != "float32":
             raise MixerError(f"the numpy backend computes in float32 only (numpy has no fast "
                              f"{dtype} matmul): use --backend mlx or tinygrad for {dtype}")
         self.dtype = dtype
@@ -307,7 +304,7 @@ class NumpyOps:
 
     def layer_norm(self, x, scale, bias):
         c = x.shape[-1]
-        mean = np.einsum("...c->...", x)[..., None]  # einsum: fewer passes than x.mean
+        mean = np.einsum("...c->...", x)[..., None]  # ~10% faster than x.mean here
         mean *= 1.0 / c
         y = x - mean
         var = np.einsum("...c,...c->...", y, y)[..., None]
@@ -374,10 +371,8 @@ class NumpyOps:
         (GELU, LayerNorm, residuals: ~15% of B/16's time here) on one core while BLAS's threads
         spin; split, every core runs its share of everything (1.13x on B/16 at batch 32)."""
         def run(params, x):
-            blas = openblas()
-            p = params["stem/kernel"].shape[0]
-            rows = x.shape[0] * (x.shape[1] // p) * (x.shape[2] // p)
-            b = x.shape[0]
+            blas, b, p = openblas(), x.shape[0], params["stem/kernel"].shape[0]
+            rows = b * (x.shape[1] // p) * (x.shape[2] // p)  # token rows in the batch
             n = min(b, rows // self.MIN_ROWS_PER_THREAD, blas.threads() if blas else 1)
             if n < 2 or b / (n * -(-b // n)) < 0.9:  # serial, or too unequal (3 images on 2)
                 return fn(params, x)
@@ -581,7 +576,7 @@ def get_ops(backend: str | None, dtype: str = "float32"):
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise MixerError(f"unknown backend {backend!r}: expected one of {sorted(BACKENDS)}")
-    return BACKENDS[backend](_check_dtype(dtype))
+    return BACKENDS[backend](dtype)  # each backend checks the dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -811,20 +806,20 @@ class Mixer:
         for k, v in params.items():
             if self._is_backend_array(v):
                 self.params[k] = v
-            else:
-                self.params[k] = self._ops.asarray(as_float32(v))
+            else:  # numpy (memory-mapped) arrays, or backend arrays to recast through numpy
+                self.params[k] = self._ops.asarray(as_float32(
+                    v if isinstance(v, np.ndarray) else self._ops.numpy(v)))
                 _drop_mapped_pages(v)
         n = config.num_blocks
         self._logits = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=True))
         self._features = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=False))
 
     def _is_backend_array(self, v) -> bool:
+        """Whether v can be used as it is: float32 numpy arrays on numpy, and on the others
+        their own (float32) arrays when computing in float32."""
         if isinstance(v, np.ndarray):
             return self.backend == "numpy" and v.dtype == np.float32
-        if self.dtype != "float32" and str(v.dtype).split(".")[-1] != self.dtype:
-            raise MixerError(f"weights given as {self.backend} arrays of {v.dtype}: pass numpy "
-                             f"arrays to hold them as {self.dtype}")
-        return True
+        return self.dtype == "float32"
 
     def _run(self, fn, x):
         x = np.asarray(x)

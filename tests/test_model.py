@@ -192,6 +192,21 @@ def test_half_precision_matches_reference(backend, dtype, s32_case):
         assert error < HALF_TOLERANCE[dtype], f"{dtype} off by {error:.2e} of the largest output"
 
 
+def test_dtype_of_backend_arrays_and_unknown_dtypes():
+    """Backend arrays passed in are recast to the compute dtype (the same model as from numpy
+    arrays); a dtype that is not one of COMPUTE_DTYPES is refused on every backend."""
+    params = random_params(SMALL, seed=14)
+    x = random_images(2, 20, seed=15)
+    full = mixer.Mixer(SMALL, params, backend="mlx")
+    half = mixer.Mixer(SMALL, full.params, backend="mlx", dtype="float16")
+    assert all(str(v.dtype) == "mlx.core.float16" for v in half.params.values())
+    np.testing.assert_array_equal(half(x), mixer.Mixer(SMALL, params, backend="mlx",
+                                                       dtype="float16")(x))
+    for backend in mixer.BACKENDS:
+        with pytest.raises(mixer.MixerError, match="unknown dtype 'int8'"):
+            mixer.Mixer(SMALL, params, backend=backend, dtype="int8")
+
+
 def test_headless_model(backend, tol):
     config = dataclasses.replace(SMALL, num_classes=None)
     params = random_params(config, seed=3)
