@@ -112,6 +112,8 @@ def cross_entropy(xp, logits, onehot):
 #   mean_over_ranks(tree)  data-parallel all-reduce of arrays (identity on one process)
 #   sum_over_ranks(v)      the same for a Python number (evaluation counts, stop requests)
 #   scalar(v), sync(tree)  a (1,) float32 input; wait for the arrays
+#   split_batch(n, fn)     [fn(lo, hi) per part] with the parts of a batch of n on separate
+#                          cores (mixer.MlxOps.split_batch), or None: run it whole
 # Labels travel one-hot, so that the loss is the same arithmetic on every backend (no gather).
 
 
@@ -153,6 +155,9 @@ class MlxBackend:
 
     def sync(self, tree):
         self.mx.eval(tree)
+
+    def split_batch(self, batch, fn):
+        return self.ops.split_batch(batch, fn)
 
 
 class TinygradBackend:
@@ -202,6 +207,9 @@ class TinygradBackend:
     def sync(self, tree):
         self.tg.Tensor.realize(*_leaves(tree))
 
+    def split_batch(self, batch, fn):
+        return None  # tinygrad's CPU kernels are threaded by tinygrad itself
+
 
 def _leaves(tree):
     if isinstance(tree, dict):
@@ -231,7 +239,8 @@ def get_backend(name: str | None):
 class Trainer:
     """Params, momentum and gradient sums on one backend.
 
-    accumulate(x, onehot)  adds one micro-batch's mean-loss gradient to the sums
+    accumulate(x, onehot)  adds one micro-batch's mean-loss gradient to the sums (in parts
+                           where the backend splits the batch across cores)
     update(lr)             averages the sums (over micro-batches and ranks), takes one SGD step,
                            clears the sums; returns (mean loss, gradient norm) as floats
     logits(x)              the current model's logits
@@ -249,11 +258,13 @@ class Trainer:
             "loss_sum": xp.scalar(0.0),
         }
         state, n = self.state, config.num_blocks
-        loss_and_grads = xp.value_and_grad(
-            lambda p, x, onehot: cross_entropy(xp, mixer.forward(xp.ops, p, x, n), onehot))
+        # weight: the part's share of the micro-batch, so that the parts' weighted mean losses
+        # (and their gradients) sum to the micro-batch's; 1.0, exact, for a whole micro-batch
+        loss_and_grads = xp.value_and_grad(lambda p, x, onehot, weight: (cross_entropy(
+            xp, mixer.forward(xp.ops, p, x, n), onehot) * weight).sum())
 
-        def accumulate(x, onehot):
-            loss, grads = loss_and_grads(state["params"], x, onehot)
+        def accumulate(x, onehot, weight):
+            loss, grads = loss_and_grads(state["params"], x, onehot, weight)
             for k, g in grads.items():
                 xp.assign(state["grad_sum"], k, state["grad_sum"][k] + g)
             xp.assign(state, "loss_sum", state["loss_sum"] + loss)
@@ -276,8 +287,15 @@ class Trainer:
         self._logits = xp.ops.compile(lambda p, x: mixer.forward(xp.ops, p, x, n))
 
     def accumulate(self, x: np.ndarray, onehot: np.ndarray) -> None:
-        self._accumulate(self.xp.ops.asarray(x), self.xp.ops.asarray(onehot))
-        self.xp.sync(self.state)
+        xp, n = self.xp, len(x)
+
+        def part(lo, hi):
+            self._accumulate(xp.ops.asarray(x[lo:hi]), xp.ops.asarray(onehot[lo:hi]),
+                             xp.scalar((hi - lo) / n))
+            return self.state  # what split_batch evaluates: every part's sums
+        if xp.split_batch(n, part) is None:
+            part(0, n)
+        xp.sync(self.state)
 
     def update(self, lr: float) -> tuple[float, float]:
         loss, norm = self._update(self.xp.scalar(lr))

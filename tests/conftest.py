@@ -87,3 +87,42 @@ def assert_placed(model):
         import numpy as np
         assert all(isinstance(v, np.ndarray) and v.dtype == np.float32
                    for v in model.params.values())
+
+
+class _SingleThreadedSpy:
+    """MLX's real OpenBLAS, reporting 2 threads whatever the machine; records the thread count
+    that each single-threaded section actually ran with."""
+
+    def __init__(self, blas):
+        self.blas, self.inside = blas, []
+
+    def threads(self):
+        return 2
+
+    @contextlib.contextmanager
+    def single_threaded(self):
+        with self.blas.single_threaded():
+            yield
+            self.inside.append(self.blas.threads())
+
+
+@pytest.fixture
+def mlx_cpu_split(monkeypatch):
+    """MLX on its CPU device, splitting batches as on a 2-core Linux machine: yields the spy on
+    MLX's OpenBLAS (its `inside` lists one entry per split batch); checks afterwards that the
+    OpenBLAS thread count was restored. Skips where MLX calls no OpenBLAS (not Linux)."""
+    import mixer
+    mx = mixer._import_mlx()
+    blas = mixer.mlx_openblas()
+    if blas is None:
+        pytest.skip("MLX calls no OpenBLAS here (not Linux, or MIXER_NO_OPENBLAS is set)")
+    threads = blas.threads()
+    spy = _SingleThreadedSpy(blas)
+    monkeypatch.setattr(mixer, "mlx_openblas", lambda: spy)
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield spy
+    finally:
+        mx.set_default_device(device)
+    assert blas.threads() == threads

@@ -1,6 +1,5 @@
 """The model: every backend against the float64 reference, variants, init, input checks."""
 
-import contextlib
 import dataclasses
 import math
 
@@ -154,48 +153,18 @@ def test_openblas_threads_restored_after_an_error():
     assert blas.corename()  # the kernels OpenBLAS picked, as bench.py reports them
 
 
-class SingleThreadedSpy:
-    """The real OpenBLAS, reporting 2 threads whatever the machine; records the thread count
-    each single-threaded section actually ran with."""
-
-    def __init__(self, blas):
-        self.blas, self.inside = blas, []
-
-    def threads(self):
-        return 2
-
-    @contextlib.contextmanager
-    def single_threaded(self):
-        with self.blas.single_threaded():
-            yield
-            self.inside.append(self.blas.threads())
-
-
-def test_mlx_data_parallel_on_cpu_matches_reference(monkeypatch):
+def test_mlx_data_parallel_on_cpu_matches_reference(mlx_cpu_split):
     """On a Linux CPU, MLX splits batches across CPU streams with its OpenBLAS single-threaded
     meanwhile: the result must be the reference's, the GEMMs must have run with one OpenBLAS
-    thread, and the thread count must be restored afterwards."""
-    mx = mixer._import_mlx()
-    blas = mixer.mlx_openblas()
-    if blas is None:
-        pytest.skip("MLX calls no OpenBLAS here (not Linux, or MIXER_NO_OPENBLAS is set)")
-    threads = blas.threads()
-    spy = SingleThreadedSpy(blas)
-    monkeypatch.setattr(mixer, "mlx_openblas", lambda: spy)
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    try:
-        params = random_params(SMALL, seed=12)
-        model = mixer.Mixer(SMALL, params, backend="mlx")
-        for batch, splits in ((6, 1), (2, 2), (3, 2), (1, 2)):  # 3 on 2 threads, 1: serial
-            x = random_images(batch, 20, seed=13 + batch)
-            np.testing.assert_allclose(model(x), reference_forward(params, x)[0], rtol=0,
-                                       atol=TOLERANCE["mlx"], err_msg=f"batch {batch}")
-            assert len(spy.inside) == splits, f"batch {batch}"
-    finally:
-        mx.set_default_device(device)
-    assert spy.inside == [1, 1] and len(model._ops._streams) == 2
-    assert blas.threads() == threads
+    thread, and the thread count must be restored afterwards (the fixture checks)."""
+    params = random_params(SMALL, seed=12)
+    model = mixer.Mixer(SMALL, params, backend="mlx")
+    for batch, splits in ((6, 1), (2, 2), (3, 2), (1, 2)):  # 3 on 2 threads, 1: serial
+        x = random_images(batch, 20, seed=13 + batch)
+        np.testing.assert_allclose(model(x), reference_forward(params, x)[0], rtol=0,
+                                   atol=TOLERANCE["mlx"], err_msg=f"batch {batch}")
+        assert len(mlx_cpu_split.inside) == splits, f"batch {batch}"
+    assert mlx_cpu_split.inside == [1, 1] and len(model._ops._streams) == 2
 
 
 def test_s32_matches_reference(backend, tol, s32_case):

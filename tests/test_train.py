@@ -195,6 +195,36 @@ def test_steps_match_float64_sgd(tmp_path, backend, accum_steps):
         assert r["lr"] == pytest.approx(official_lr(r["step"], base_lr, warmup, steps))
 
 
+def test_mlx_step_in_parts_equals_whole_batch(mlx_cpu_split, monkeypatch):
+    """On a CPU, MLX runs each micro-batch in parts on separate streams, here 4 + 5 images
+    weighted 4/9 and 5/9: loss, gradient norm, weights and momentum after two steps must equal
+    the whole-batch computation's."""
+    config = mixer.MixerConfig(patch_size=4, hidden_dim=8, num_blocks=1, tokens_mlp_dim=4,
+                               channels_mlp_dim=8, num_classes=3, image_size=8)
+    params = random_params(config, seed=3)
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-1, 1, (9, 8, 8, 3)).astype(np.float32)
+    onehot = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 9)]
+    xp = train.get_backend("mlx")
+    results = []
+    for whole in (False, True):
+        if whole:
+            monkeypatch.setattr(xp.ops, "split_batch", lambda batch, fn: None)
+        trainer = train.Trainer(xp, config, params)
+        steps = []
+        for lr in (0.5, 0.3):
+            trainer.accumulate(x, onehot)
+            steps.append(trainer.update(lr))
+        results.append((steps, trainer.numpy("params"), trainer.numpy("momentum")))
+    assert mlx_cpu_split.inside == [1, 1]  # both steps ran split
+    (split_steps, split_params, split_m), (whole_steps, whole_params, whole_m) = results
+    np.testing.assert_allclose(split_steps, whole_steps, rtol=1e-5)
+    assert max(np.abs(whole_params[k] - params[k]).max() for k in params) > 1e-2  # it moved
+    for k in params:
+        np.testing.assert_allclose(split_params[k], whole_params[k], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(split_m[k], whole_m[k], rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Fine-tuning end to end.
 
