@@ -382,13 +382,18 @@ def main(argv=None):
     # may force them (OPENBLAS_CORETYPE=Haswell runs an AVX-512 CPU at half speed)
     blas = mixer.openblas()
     machine["numpy_blas"] = blas.corename() if blas else None
+    mlx_blas = mixer.mlx_openblas() if "mlx" in backends else None
+    machine["mlx_blas"] = mlx_blas.corename() if mlx_blas else None
     forced = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")}
     machine.update(forced)
     ceiling = gemm_ceiling()
     machine["gemm_gflops"] = ceiling
-    print(f"machine: {machine['platform']}, {machine['cpus']} CPUs; numpy's OpenBLAS kernels: "
-          f"{machine['numpy_blas']}{' ' + str(forced) if forced else ''}; fp32 GEMM ceiling "
-          f"{ceiling:.0f} GFLOP/s; default backend: {machine['default_backend']}")
+    kernels = f"numpy's OpenBLAS kernels: {machine['numpy_blas']}"
+    if machine["mlx_blas"]:
+        kernels += f", MLX's: {machine['mlx_blas']}"
+    print(f"machine: {machine['platform']}, {machine['cpus']} CPUs; {kernels}"
+          f"{' ' + str(forced) if forced else ''}; fp32 GEMM ceiling {ceiling:.0f} GFLOP/s; "
+          f"default backend: {machine['default_backend']}")
 
     inference = []
     for variant in args.variants:

@@ -25,6 +25,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert doc["machine"]["gemm_gflops"] > 0
     blas = mixer.openblas()
     assert doc["machine"]["numpy_blas"] == (blas.corename() if blas else None)
+    assert doc["machine"]["mlx_blas"] is None  # MLX not benchmarked
     rows = doc["inference"]
     assert [(r["backend"], r["batch"]) for r in rows] == [("numpy", 1), ("numpy", 2)]
     for r in rows:
@@ -44,6 +45,8 @@ def test_bench_half_precision(tmp_path):
                        "--dtype", "float16", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["machine"]["dtype"] == "float16"
+    blas = mixer.mlx_openblas()  # the kernels of MLX's OpenBLAS are reported too, on Linux
+    assert doc["machine"]["mlx_blas"] == (blas.corename() if blas else None)
     rows = {r["backend"]: r for r in doc["inference"]}
     assert "float32 only" in rows["numpy"]["skipped"]
     assert rows["mlx"]["images_per_s"] > 0
