@@ -208,7 +208,7 @@ class TinygradBackend:
         self.tg.Tensor.realize(*_leaves(tree))
 
     def split_batch(self, batch, fn):
-        return None  # tinygrad's CPU kernels are threaded by tinygrad itself
+        return None  # always whole: tinygrad has no streams to run parts side by side
 
 
 def _leaves(tree):
