@@ -382,7 +382,10 @@ def main(argv=None):
     # may force them (OPENBLAS_CORETYPE=Haswell runs an AVX-512 CPU at half speed)
     blas = mixer.openblas()
     machine["numpy_blas"] = blas.corename() if blas else None
-    mlx_blas = mixer.mlx_openblas() if "mlx" in backends else None
+    try:  # an MLX that will not import is reported by its worker, as skipped
+        mlx_blas = mixer.mlx_openblas() if "mlx" in backends else None
+    except mixer.MixerError:
+        mlx_blas = None
     machine["mlx_blas"] = mlx_blas.corename() if mlx_blas else None
     forced = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")}
     machine.update(forced)

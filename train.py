@@ -440,10 +440,7 @@ class Loader:
     def decode(self, path: str, position: int):
         """float32 (size, size, 3) in [-1, 1], or None if the file cannot be decoded."""
         if not self.augment:
-            try:
-                return mixer.preprocess(path, size=self.size, resize=self.resize)
-            except MixerError:
-                return None
+            return _try_preprocess(path, self.size, self.resize)
         Image, ImageOps = mixer._import_pil()
         rng = np.random.default_rng([self.seed, 1, position])
         try:

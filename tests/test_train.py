@@ -587,7 +587,24 @@ def test_model_choice_errors(dataset, tmp_path):
         train.train(data_dir=dataset, steps=1, backend="numpy", quiet=True)
 
 
-def test_train_throughput_runs():
-    ips = train.train_throughput("mlx", variant="S/32", batch_size=2, steps=1, image_size=32,
+def test_train_throughput_times_whole_steps(monkeypatch):
+    """bench.py's training figure: two warm-up steps, then `steps` timed steps of a full batch
+    (accumulate + update), reported as images over the timed steps' seconds."""
+    calls, clock = [], iter(range(100, 1000, 7))  # perf_counter: start, then end of timing
+    accumulate, update = train.Trainer.accumulate, train.Trainer.update
+
+    def spy_accumulate(self, x, onehot):
+        calls.append(("accumulate", x.shape, onehot.shape))
+        accumulate(self, x, onehot)
+
+    def spy_update(self, lr):
+        calls.append(("update",))
+        return update(self, lr)
+    monkeypatch.setattr(train.Trainer, "accumulate", spy_accumulate)
+    monkeypatch.setattr(train.Trainer, "update", spy_update)
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    ips = train.train_throughput("mlx", variant="S/32", batch_size=2, steps=3, image_size=32,
                                  num_classes=10)
-    assert ips > 0
+    step = [("accumulate", (2, 32, 32, 3), (2, 10)), ("update",)]
+    assert calls == step * 5  # 2 warm-up + 3 timed
+    assert ips == pytest.approx(3 * 2 / 7)  # 6 images in one tick of the fake clock
