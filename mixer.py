@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import threading
@@ -1521,17 +1522,70 @@ class _ProgressBar:
             self.stream.flush()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C by run_main's handlers so that the same clean-up
+    runs (temporary files removed, state saved); `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_main(prog: str, body) -> int:
+    """Runs a command-line program's body() -> exit status, so that no input makes it print a
+    traceback: a MixerError (bad input) or an OSError (a file, a full disk) is one line and
+    status 2; Ctrl-C is one line and 130; SIGTERM and SIGHUP run the same clean-up as Ctrl-C and
+    exit 128 + their number; a closed stdout (`| head`) ends quietly. Anything else is a bug:
+    one line saying so (MIXER_DEBUG=1 shows the traceback), status 1. The signal handlers are
+    installed for the call only and restored afterwards."""
+    def terminate(signum, frame):
+        raise Terminated(signum)
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                old[sig] = signal.signal(sig, terminate)
+    try:
+        return body()
+    except MixerError as e:
+        return _fail(prog, f"error: {e}", 2)
+    except Terminated as e:
+        return _fail(prog, f"stopped by {signal.Signals(e.signum).name}", 128 + e.signum)
+    except KeyboardInterrupt:
+        return _fail(prog, "interrupted", 130)
+    except BrokenPipeError:  # the reader of stdout went away: nothing left to say to it
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(prog, f"error: {where}{e.strerror or e}", 2)
+    except MemoryError:
+        return _fail(prog, "error: out of memory (a smaller --batch-size or model may fit)", 2)
+    except Exception as e:  # noqa: BLE001 -- a bug: one line, the traceback on request
+        if os.environ.get("MIXER_DEBUG"):
+            raise
+        return _fail(prog, f"internal error: {type(e).__name__}: {e} (please report it; "
+                           f"MIXER_DEBUG=1 shows the traceback)", 1)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _fail(prog: str, message: str, status: int) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(run_cli(**vars(args)))
-    except MixerError as e:
-        print(f"mixer: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mixer: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    def body():
+        print(run_cli(**vars(args)), flush=True)  # flushed here: a closed pipe is caught
+        return 0
+    return run_main("mixer", body)
 
 
 if __name__ == "__main__":
