@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -177,6 +178,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> MixerConfig:
     if side * side != tok[0]:
         raise MixerError(f"token_mixing/Dense_0/kernel has {tok[0]} input tokens, not a square grid")
     head = shapes.get("head/kernel")
+    if head is not None and len(head) != 2:
+        raise MixerError(f"head/kernel has shape {head}, expected (C, num_classes)")
     return MixerConfig(patch_size=stem[0], hidden_dim=stem[3], num_blocks=num_blocks,
                        tokens_mlp_dim=tok[1], channels_mlp_dim=ch[1],
                        num_classes=None if head is None else head[-1],
@@ -525,8 +528,8 @@ class TinygradOps:
             return False
 
     def asarray(self, a):
-        # np.array copies: tinygrad's OpenCL upload needs a writable buffer, and weights
-        # memory-mapped by read_safetensors are read-only
+        # np.array copies: tinygrad's OpenCL upload needs a writable buffer, and loaded
+        # weights are read-only
         t = self.tg.Tensor(np.array(a, dtype=np.float32, order="C"))
         return (t if self.dtype == "float32" else t.cast(self._dtype)).realize()
 
@@ -695,74 +698,206 @@ def forward(ops, params, x, num_blocks: int, head: bool = True):
 
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 _MAX_HEADER = 100 * 2**20
+_MAX_DIMS = 8  # a Mixer tensor has at most 4; the cap keeps hostile shapes away from numpy
 
 
-def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Memory-maps a safetensors file: returns (name -> read-only array view, metadata).
-
-    BF16 tensors come back as uint16 views of the raw bits; `as_float32` converts them.
-    """
+def _open_regular(path, name: str | None = None, what: str = "weights"):
+    """Opens `path` for binary reading if it is a regular file, else a MixerError: a FIFO, a
+    device or a socket would block or never end. O_NONBLOCK makes opening a FIFO return at once
+    (it means nothing for regular files), so the check happens on what was actually opened."""
     path = os.fspath(path)
+    name = name or path
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except IsADirectoryError:
+        raise MixerError(f"{name}: is a directory, expected a file") from None
+    except OSError as e:
+        raise MixerError(f"cannot read {what} {name}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "is a directory" if stat.S_ISDIR(mode) else "not a regular file (a pipe or device)"
+        raise MixerError(f"{name}: {kind}; expected a {what} file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a name given twice is an error (JSON parsers disagree on which
+    one wins, and the safetensors format forbids it)."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"the name {k!r} appears twice")
+        d[k] = v
+    return d
+
+
+class SafetensorsFile:
+    """An open safetensors file whose header has been checked in full; tensors are read on
+    demand (`read(name)`, or iterate `items()`) into memory of their own.
+
+    Nothing is memory-mapped: a model never depends on its file after loading (truncating or
+    replacing the file later cannot crash it or change its outputs), and a load that copies
+    tensors onto MLX or tinygrad holds one tensor at a time on the host. If the file changes
+    while it is being read, reading fails with a MixerError instead of mixing two files.
+
+    Checked before anything is read: the header is a JSON object of at most 100 MiB with no
+    name given twice; every entry has a known dtype, a shape of at most 8 non-negative
+    dimensions and data offsets that fit it; the tensors tile the data area exactly, without
+    overlaps or gaps (as the format requires).
+    """
+
+    def __init__(self, path, name: str | None = None):
+        self.path = os.fspath(path)
+        self.name = name or self.path
+        self._file = _open_regular(self.path, self.name)
+        try:
+            self._parse_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse_header(self):
+        f, name = self._file, self.name
+        self._stat = os.fstat(f.fileno())
+        size = self._stat.st_size
+        try:
             n = int.from_bytes(f.read(8), "little")
             if size < 8 or n > min(size - 8, _MAX_HEADER):
-                raise MixerError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MixerError(f"{path}: not a safetensors file (header is not JSON)") from None
-    except IsADirectoryError:
-        raise MixerError(f"{path}: is a directory, expected a .safetensors file") from None
-    except OSError as e:
-        raise MixerError(f"cannot read weights {path}: {e.strerror or e}") from None
-    if not isinstance(header, dict):
-        raise MixerError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise MixerError(f"{path}: not a safetensors file (__metadata__ must map str to str)")
-    data_size = size - 8 - n
-    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if data_size else np.empty(0)
-    tensors = {}
-    for name, info in header.items():
+                raise MixerError(f"{name}: not a safetensors file (bad header length)"
+                                 + _npz_hint(f, name))
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MixerError(f"{name}: not a safetensors file (header is not JSON)") from None
+        except RecursionError:
+            raise MixerError(f"{name}: not a safetensors file (header nested too deeply)") from None
+        except ValueError as e:  # _unique_keys
+            raise MixerError(f"{name}: corrupt safetensors header ({e})") from None
+        except OSError as e:
+            raise MixerError(f"cannot read weights {name}: {e.strerror or e}") from None
+        if not isinstance(header, dict):
+            raise MixerError(f"{name}: not a safetensors file (header is not a JSON object)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise MixerError(f"{name}: not a safetensors file (__metadata__ must map str to str)")
+        self.metadata, self._start, self._entries = metadata, 8 + n, {}
+        data_size = size - 8 - n
+        for key, info in header.items():
+            self._entries[key] = self._check_entry(key, info, data_size)
+        position = 0  # the tensors, in file order, must tile [0, data_size) exactly
+        for key, (_, _, begin, end) in sorted(self._entries.items(), key=lambda e: e[1][2:]):
+            if begin != position:
+                what = "overlaps the tensor before it" if begin < position else \
+                    "leaves unused bytes before it"
+                raise MixerError(f"{name}: tensor {key!r} {what}: the file is corrupt or was "
+                                 f"crafted")
+            position = end
+        if position != data_size:
+            raise MixerError(f"{name}: {data_size - position} bytes after the last tensor: the "
+                             f"file is corrupt or was crafted")
+
+    def _check_entry(self, key, info, data_size):
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             if not isinstance(dtype, str) or not all(type(v) is int and v >= 0
                                                      for v in (*shape, begin, end)):
-                raise ValueError("dtype must be a string, shape and offsets non-negative ints")
+                raise ValueError
         except (TypeError, KeyError, ValueError):
-            raise MixerError(f"{path}: tensor {name!r} has a malformed header entry") from None
+            raise MixerError(f"{self.name}: tensor {key!r} has a malformed header entry") from None
         if dtype not in _DTYPES:
-            raise MixerError(f"{path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
+            raise MixerError(f"{self.name}: tensor {key!r} has dtype {dtype}; supported: F32, "
+                             f"F16, BF16")
+        if len(shape) > _MAX_DIMS:
+            raise MixerError(f"{self.name}: tensor {key!r} has {len(shape)} dimensions; a Mixer "
+                             f"tensor has at most 4")
         nbytes = _DTYPES[dtype].itemsize * math.prod(shape)
-        if not (0 <= begin <= end <= data_size and end - begin == nbytes):
-            raise MixerError(f"{path}: tensor {name!r} lies outside the file or has the wrong "
-                             f"size: the file is truncated or corrupt")
-        tensors[name] = buf[begin:end].view(_DTYPES[dtype]).reshape(shape)
+        if max(shape, default=0) > data_size or not (begin <= end <= data_size
+                                                      and end - begin == nbytes):
+            raise MixerError(f"{self.name}: tensor {key!r} lies outside the file or has the "
+                             f"wrong size: the file is truncated or corrupt")
+        return dtype, shape, begin, end
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: e[1] for k, e in self._entries.items()}
+
+    def keys(self):
+        return self._entries.keys()
+
+    def read(self, key: str, finite: bool = False) -> np.ndarray:
+        """The tensor, in memory of its own (BF16 as _Bfloat16Bits; see as_float32). finite:
+        refuse NaN and infinity, naming the tensor."""
+        dtype, shape, begin, end = self._entries[key]
+        a = np.empty(shape, _DTYPES[dtype])
+        view = memoryview(a.reshape(-1)).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                got = os.preadv(self._file.fileno(), [view[done:]], self._start + begin + done) \
+                    if hasattr(os, "preadv") else self._read_at(view[done:], begin + done)
+                if not got:
+                    break
+                done += got
+            now = os.fstat(self._file.fileno())
+        except OSError as e:
+            raise MixerError(f"cannot read weights {self.name}: {e.strerror or e}") from None
+        if done < len(view) or (now.st_size, now.st_mtime_ns) != (self._stat.st_size,
+                                                                   self._stat.st_mtime_ns):
+            raise MixerError(f"{self.name} changed while it was being read: load it again once "
+                             f"it is complete")
+        a.flags.writeable = False  # a model's weights change only through a new Mixer
         if dtype == "BF16":
-            tensors[name] = tensors[name].view(_Bfloat16Bits)
-    return tensors, metadata
+            a = a.view(_Bfloat16Bits)
+        if finite and not _all_finite(a):
+            raise MixerError(f"{self.name}: tensor {key!r} holds NaN or infinite values: the "
+                             f"weights are damaged (a diverged training run, a bad conversion)")
+        return a
+
+    def _read_at(self, view, offset):  # where os.preadv does not exist (Windows)
+        self._file.seek(self._start + offset)
+        return self._file.readinto(view)
+
+    def items(self, finite: bool = False):
+        """(name, tensor) pairs, each tensor read when the iteration reaches it."""
+        for key in self._entries:
+            yield key, self.read(key, finite)
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    if isinstance(a, _Bfloat16Bits):  # exponent bits all ones: inf or NaN
+        return not ((np.asarray(a).view(np.uint16) & 0x7F80) == 0x7F80).any()
+    return bool(np.isfinite(a).all())
+
+
+def _npz_hint(f, name) -> str:
+    """What to say when a file given as safetensors is an .npz archive (an official checkpoint)."""
+    f.seek(0)
+    if f.read(2) == b"PK":
+        return (": it is a zip archive, such as an official .npz checkpoint; convert it with "
+                "`python convert.py` or `mixer-convert`, or load it with mixer.load_npz")
+    return ""
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads a whole safetensors file (see SafetensorsFile for the checks): returns
+    (name -> array, metadata). BF16 tensors come back as uint16 bit patterns; `as_float32`
+    converts them."""
+    with SafetensorsFile(path) as f:
+        return dict(f.items()), f.metadata
 
 
 class _Bfloat16Bits(np.ndarray):
     """Marks a uint16 array that holds bfloat16 bit patterns."""
-
-
-def _drop_mapped_pages(a: np.ndarray) -> None:
-    """Once a memory-mapped tensor is copied onto a backend, drops its pages from this process's
-    resident set (the file stays in the page cache; a later read maps them back), so that a load
-    onto MLX or tinygrad does not hold the whole file and its copy at once."""
-    import mmap
-    base = a
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is None or a.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    origin = np.frombuffer(base, np.uint8).__array_interface__["data"][0]
-    start = a.__array_interface__["data"][0] - origin
-    page = mmap.PAGESIZE
-    begin, end = start - start % page, min(len(base), -(-(start + a.nbytes) // page) * page)
-    base.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 def as_float32(a: np.ndarray) -> np.ndarray:
@@ -774,7 +909,7 @@ def as_float32(a: np.ndarray) -> np.ndarray:
 
 def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, rounding to nearest even (NaN kept NaN)."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    bits = np.asarray(a, dtype=np.float32, order="C").view(np.uint32)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return np.where(np.isnan(a), 0x7FC0, rounded).astype(np.uint16)
 
@@ -790,7 +925,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         if code == "BF16":
             a = to_bfloat16_bits(a)
         else:
-            a = np.ascontiguousarray(a, dtype=_DTYPES[code])
+            a = np.asarray(a, dtype=_DTYPES[code], order="C")  # 0-d stays 0-d
         header[name] = {"dtype": code, "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         arrays.append(a)
@@ -867,7 +1002,9 @@ class Mixer:
     def __init__(self, config: MixerConfig, params: dict, backend: str | None = None,
                  labels: list[str] | None = None, preprocessing: dict | None = None,
                  dtype: str = "float32"):
-        check_shapes(config, {k: tuple(v.shape) for k, v in params.items()}, "weights")
+        lazy = isinstance(params, SafetensorsFile)  # load(): tensors read one at a time
+        shapes = params.shapes() if lazy else {k: tuple(v.shape) for k, v in params.items()}
+        check_shapes(config, shapes, params.name if lazy else "weights")
         if labels is not None and (config.num_classes is None or len(labels) != config.num_classes):
             raise MixerError(f"{len(labels)} labels given for a head with "
                              f"{config.num_classes} classes")
@@ -877,13 +1014,12 @@ class Mixer:
         self._ops = get_ops(backend, dtype)
         self.backend, self.dtype = self._ops.name, dtype
         self.params = {}
-        for k, v in params.items():
+        for k, v in params.items(finite=True) if lazy else params.items():
             if self._is_backend_array(v):
                 self.params[k] = v
-            else:  # numpy (memory-mapped) arrays, or backend arrays to recast through numpy
+            else:  # numpy arrays, or backend arrays to recast through numpy
                 self.params[k] = self._ops.asarray(as_float32(
                     v if isinstance(v, np.ndarray) else self._ops.numpy(v)))
-                _drop_mapped_pages(v)
         n = config.num_blocks
         self._logits = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=True))
         self._features = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=False))
@@ -1000,24 +1136,32 @@ class Mixer:
 
 
 def load(path: str, backend: str | None = None, dtype: str = "float32") -> Mixer:
-    """Loads a mixer safetensors file onto `backend` (None: `default_backend()`), its weights
-    held and computed in `dtype` (see Mixer).
+    """Loads a weights file onto `backend` (None: `default_backend()`), its weights held and
+    computed in `dtype` (see Mixer): a mixer safetensors file, or an official .npz checkpoint
+    (converted in memory, see load_npz).
 
-    Strict: any missing, extra or misshapen tensor is an error that names it. Files without our
-    metadata (e.g. written by another tool with the official names) have their config read off
-    the tensor shapes. float32 tensors are memory-mapped by the numpy backend (no copy).
+    Strict: any missing, extra or misshapen tensor, and any NaN or infinite weight, is an error
+    that names it. Files without our metadata (e.g. written by another tool with the official
+    names) have their config read off the tensor shapes. The tensors are read into memory of the
+    model's own, one at a time: the loaded model never depends on the file again.
     """
-    tensors, metadata = read_safetensors(path)
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    config = _json_metadata(metadata, "mixer.config", path, dict)
-    config = infer_config(shapes) if config is None else MixerConfig.from_dict(config)
-    check_shapes(config, shapes, str(path))
-    labels = _json_metadata(metadata, "mixer.labels", path, list)
-    if labels is not None and not all(isinstance(label, str) for label in labels):
-        raise MixerError(f"{path}: metadata 'mixer.labels' must be a JSON list of strings")
-    preprocessing = _json_metadata(metadata, "mixer.preprocessing", path, dict)
-    return Mixer(config, tensors, backend=backend, labels=labels, preprocessing=preprocessing,
-                 dtype=dtype)
+    if path is None or not isinstance(path, (str, bytes, os.PathLike)):
+        raise MixerError(f"load() takes the path of a weights file, got {path!r}")
+    with _open_regular(path) as f:
+        is_zip = f.read(2) == b"PK"
+    if is_zip:
+        return load_npz(path, backend=backend, dtype=dtype)
+    with SafetensorsFile(path) as f:
+        shapes, metadata, name = f.shapes(), f.metadata, f.name
+        config = _json_metadata(metadata, "mixer.config", name, dict)
+        config = infer_config(shapes) if config is None else MixerConfig.from_dict(config)
+        check_shapes(config, shapes, name)
+        labels = _json_metadata(metadata, "mixer.labels", name, list)
+        if labels is not None and not all(isinstance(label, str) for label in labels):
+            raise MixerError(f"{name}: metadata 'mixer.labels' must be a JSON list of strings")
+        preprocessing = _json_metadata(metadata, "mixer.preprocessing", name, dict)
+        return Mixer(config, f, backend=backend, labels=labels, preprocessing=preprocessing,
+                     dtype=dtype)
 
 
 def _json_metadata(metadata, key, path, kind):
@@ -1136,72 +1280,137 @@ def find_labels(spec: str | None, num_classes: int | None) -> list[str] | None:
     return labels
 
 
-def read_npz(path: str, name: str | None = None) -> dict[str, np.ndarray]:
-    """The arrays of a numpy .npz archive as float32, never unpickling anything.
+class NpzFile:
+    """An official checkpoint (.npz: an uncompressed zip of .npy arrays, written by numpy.savez)
+    opened with every member's header read and checked, nothing unpickled, and no array data
+    read until asked for (`read`): so a file that claims absurd shapes, hides a pickle, or is a
+    decompression bomb is refused before it costs memory. Errors name the file as `name`."""
 
-    Anything else (not a zip, a pickled object array, a truncated or corrupt archive, a
-    non-float array) is a MixerError naming the file as `name` (default: path).
-    """
-    path, name = os.fspath(path), name or os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except IsADirectoryError:
-        raise MixerError(f"{name}: is a directory, expected an .npz file") from None
-    except OSError as e:
-        raise MixerError(f"cannot read {name}: {e.strerror or e}") from None
-    # Checked first: np.load would take any other file for a pickle and refuse it as one.
-    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
-        raise MixerError(f"{name}: not an .npz archive (a zip written by numpy.savez); found "
-                         f"{magic!r} where a zip starts with b'PK\\x03\\x04'")
-    arrays, key = {}, None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
-                a = npz[key]
-                if not isinstance(a, np.ndarray):  # a zip member that is not a .npy array
-                    raise MixerError(f"{name}: member {key!r} is not a numpy array: not an "
-                                     f"archive written by numpy.savez")
-                if a.dtype.kind != "f":
-                    raise MixerError(f"{name}: array {key!r} has dtype {a.dtype}, expected "
-                                     f"float32")
-                arrays[key] = a.astype(np.float32, copy=False)
-    except ValueError as e:
-        if key is None:
-            raise MixerError(f"{name}: corrupt .npz archive ({e})") from None
-        if "allow_pickle" in str(e):
-            raise MixerError(f"{name}: array {key!r} holds pickled Python objects; refusing to "
-                             f"load it (a checkpoint holds plain float arrays)") from None
-        raise MixerError(f"{name}: array {key!r} is corrupt ({e})") from None
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise MixerError(f"{name}: truncated or corrupt .npz archive ({e}); fetch it again") \
-            from None
-    return arrays
+    def __init__(self, path, name: str | None = None):
+        self.name = name or os.fspath(path)
+        self._file = _open_regular(path, self.name)
+        try:
+            # Checked first: np.load would take any other file for a pickle and refuse it as one.
+            magic = self._file.read(4)
+            if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+                raise MixerError(f"{self.name}: not an .npz archive (a zip written by "
+                                 f"numpy.savez); found {magic!r} where a zip starts with "
+                                 f"b'PK\\x03\\x04'")
+            self._members = {}
+            with self._errors(None):
+                self._zip = zipfile.ZipFile(self._file)
+                for info in self._zip.infolist():
+                    self._add(info)
+        except BaseException:
+            self._file.close()
+            raise
+
+    @contextlib.contextmanager
+    def _errors(self, key):
+        what = "archive" if key is None else f"array {key!r}"
+        try:
+            yield
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
+                RuntimeError) as e:  # RuntimeError: an encrypted member
+            raise MixerError(f"{self.name}: truncated or corrupt .npz {what} ({e}); fetch it "
+                             f"again") from None
+
+    def _add(self, info):
+        if not info.filename.endswith(".npy") or info.is_dir():
+            raise MixerError(f"{self.name}: member {info.filename!r} is not a numpy array (.npy): not an "
+                             f"archive written by numpy.savez")
+        key = info.filename[:-len(".npy")]
+        if key in self._members:
+            raise MixerError(f"{self.name}: array {key!r} appears twice in the archive")
+        with self._errors(key), self._zip.open(info) as m:
+            shape, fortran, dtype = self._header(m, key)
+            offset = m.tell()
+        if dtype.hasobject:
+            raise MixerError(f"{self.name}: array {key!r} holds pickled Python objects; refusing "
+                             f"to load it (a checkpoint holds plain float arrays)")
+        if dtype.kind != "f":
+            raise MixerError(f"{self.name}: array {key!r} has dtype {dtype}, expected float32")
+        if len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
+            raise MixerError(f"{self.name}: array {key!r} has shape {shape}; a Mixer array has "
+                             f"at most 4 dimensions")
+        nbytes = dtype.itemsize * math.prod(shape)
+        if info.file_size != offset + nbytes:
+            raise MixerError(f"{self.name}: array {key!r} claims shape {shape} ({nbytes} bytes) "
+                             f"but its member holds {info.file_size - offset}: the archive is "
+                             f"corrupt or was crafted")
+        self._members[key] = (info, shape, fortran, dtype)
+
+    @staticmethod
+    def _header(m, key):
+        version = np.lib.format.read_magic(m)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(m)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(m)
+        raise ValueError(f"unsupported .npy format version {version}")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(m[1]) for k, m in self._members.items()}
+
+    def keys(self):
+        return self._members.keys()
+
+    def read(self, key: str, finite: bool = False) -> np.ndarray:
+        """The array as float32 (finite: NaN and infinity refused, naming the array)."""
+        info, shape, fortran, dtype = self._members[key]
+        with self._errors(key), self._zip.open(info) as m:
+            self._header(m, key)
+            data = m.read(dtype.itemsize * math.prod(shape))
+        a = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if finite and not np.isfinite(a).all():
+            raise MixerError(f"{self.name}: array {key!r} holds NaN or infinite values: the "
+                             f"checkpoint is damaged")
+        return a
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_npz(path: str, name: str | None = None) -> dict[str, np.ndarray]:
+    """Every array of a numpy .npz archive as float32, never unpickling anything (see NpzFile
+    for the checks). Anything else is a MixerError naming the file as `name` (default: path)."""
+    with NpzFile(path, name) as npz:
+        return {key: npz.read(key) for key in npz.keys()}
 
 
 def load_npz(path: str, backend: str | None = None, labels: str | None = "auto",
-             head: bool = True, name: str | None = None) -> Mixer:
+             head: bool = True, name: str | None = None, dtype: str = "float32") -> Mixer:
     """An official checkpoint (.npz, flat keys such as "stem/kernel") as a Mixer.
 
-    The architecture is read off the arrays, so every released file (and any Mixer saved the
-    same way) loads without naming its variant; then every key and shape is checked.
-    labels: see find_labels. head=False drops the classifier: a feature extractor.
+    The architecture is read off the arrays' headers, so every released file (and any Mixer
+    saved the same way) loads without naming its variant; every key and shape is checked before
+    any array is read, and NaN or infinite values are refused. labels: see find_labels.
+    head=False drops the classifier: a feature extractor.
     """
-    name = name or os.fspath(path)
-    params = read_npz(path, name)
-    if not head:
-        params = {k: v for k, v in params.items() if k not in ("head/kernel", "head/bias")}
-    shapes = {k: v.shape for k, v in params.items()}
-    if "stem/kernel" not in shapes:
-        found = ", ".join(repr(k) for k in sorted(shapes)[:3]) or "no arrays"
-        raise MixerError(f"{name}: no 'stem/kernel' array, so not an official Mixer checkpoint "
-                         f"(found {found}{', ...' if len(shapes) > 3 else ''})")
-    try:
-        config = infer_config(shapes)
-    except MixerError as e:
-        raise MixerError(f"{name}: {e}") from None
-    check_shapes(config, shapes, name)
-    return Mixer(config, params, backend=backend, labels=find_labels(labels, config.num_classes))
+    with NpzFile(path, name) as npz:
+        name = npz.name
+        shapes = npz.shapes()
+        if not head:
+            shapes = {k: v for k, v in shapes.items() if k not in ("head/kernel", "head/bias")}
+        if "stem/kernel" not in shapes:
+            found = ", ".join(repr(k) for k in sorted(shapes)[:3]) or "no arrays"
+            raise MixerError(f"{name}: no 'stem/kernel' array, so not an official Mixer "
+                             f"checkpoint (found {found}{', ...' if len(shapes) > 3 else ''})")
+        try:
+            config = infer_config(shapes)
+        except MixerError as e:
+            raise MixerError(f"{name}: {e}") from None
+        check_shapes(config, shapes, name)
+        params = {key: npz.read(key, finite=True) for key in shapes}
+    return Mixer(config, params, backend=backend, labels=find_labels(labels, config.num_classes),
+                 dtype=dtype)
 
 
 def official_checkpoint(variant: str, source: str | None = None) -> str:

@@ -1,10 +1,9 @@
 """Weights files: round trips, interop with the safetensors package and MLX, float16/bfloat16,
-strict and corrupt-file errors, atomic writes, and memory-mapping."""
+strict and corrupt-file errors, atomic writes."""
 
 import dataclasses
 import json
 import math
-import mmap
 import os
 import stat
 
@@ -493,72 +492,11 @@ def test_save_into_a_missing_folder(tmp_path, params):
     assert mixer.load(path, backend="numpy").config == SMALL
 
 
-# --- memory mapping ---------------------------------------------------------------------------
-
-
-def test_numpy_backend_memory_maps_float32(saved):
-    model = mixer.load(saved, backend="numpy")
-    for name, value in model.params.items():
-        assert isinstance(value, np.memmap), name  # a view of the file's mapping, not a copy
-        assert value.dtype == np.float32 and not value.flags.writeable
-        assert os.path.samefile(value.filename, saved)
-        base = value  # the .base chain ends at the mmap.mmap of the file
-        while isinstance(base, np.ndarray):
-            base = base.base
-        assert isinstance(base, mmap.mmap), type(base)
+# --- loading -----------------------------------------------------------------------------------
 
 
 def test_numpy_backend_converts_half_precision(tmp_path, params):
     path = str(tmp_path / "f16.safetensors")
     mixer.Mixer(SMALL, params, backend="numpy").save(path, dtype="float16")
     model = mixer.load(path, backend="numpy")
-    assert all(v.dtype == np.float32 and not isinstance(v, np.memmap)
-               for v in model.params.values())
-
-
-def mapped_rss_kib(path) -> int:
-    """Resident KiB of this process's mappings of `path`, from /proc/self/smaps."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            if "-" in line.split(" ", 1)[0]:  # a mapping's header line: "start-end perms ..."
-                inside = line.rstrip().endswith(os.path.realpath(path))
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's smaps")
-def test_loading_onto_another_backend_releases_the_mapping(tmp_path, monkeypatch):
-    """MLX and tinygrad copy the weights; the file's mapped pages must leave the resident set as
-    each tensor is copied, or a load holds the file and its copy at once (peak RSS 2x)."""
-    config = dataclasses.replace(SMALL, hidden_dim=256, channels_mlp_dim=1024)  # ~2.5 MiB
-    path = str(tmp_path / "w.safetensors")
-    params = random_params(config, seed=12)
-    mixer.Mixer(config, params, backend="numpy").save(path)
-    tensors, _ = mixer.read_safetensors(path)
-    for v in tensors.values():
-        v.sum()  # fault every page in, as copying does
-    assert mapped_rss_kib(path) > 2000
-    for v in tensors.values():
-        mixer._drop_mapped_pages(v)
-    assert mapped_rss_kib(path) <= 8
-    for k, v in tensors.items():  # still readable: the pages fault back in from the file
-        np.testing.assert_array_equal(v, params[k])
-    del tensors, v  # unmaps them (and the pages just read back)
-    assert mapped_rss_kib(path) == 0
-    # during a load onto MLX, at most about one tensor is resident at a time
-    seen, copy = [], mixer.MlxOps.asarray
-
-    def spy(ops, a):
-        seen.append(mapped_rss_kib(path))
-        return copy(ops, a)
-
-    monkeypatch.setattr(mixer.MlxOps, "asarray", spy)
-    model = mixer.load(path, backend="mlx")
-    largest = max(v.nbytes for v in params.values()) // 1024
-    assert len(seen) == len(params) and max(seen) <= largest + 8, (max(seen), largest)
-    monkeypatch.undo()
-    images = random_images(2, config.image_size, seed=13)
-    np.testing.assert_allclose(model(images), reference_forward(params, images)[0], rtol=0,
-                               atol=1e-4)
+    assert all(v.dtype == np.float32 for v in model.params.values())
