@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import stat
 import sys
@@ -941,7 +942,12 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
 
 class atomic_write:
     """`with atomic_write(path) as f:` writes to a temporary file beside `path` and renames it
-    into place only when the block ends without an exception (Ctrl-C and full disks included)."""
+    into place only when the block ends without an exception, so `path` is either the old file
+    or the complete new one. Ctrl-C, SIGTERM under run_main, and full disks remove the
+    temporary; one left by a process that was killed outright (SIGKILL, a power cut) is named
+    `.tmp-<pid>-...` and removed by the next atomic_write into that folder once that process is
+    gone. The target may be missing, a regular file or a symlink (the link itself is replaced,
+    its target left alone); a directory, FIFO or device is refused."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -949,21 +955,21 @@ class atomic_write:
     def __enter__(self):
         folder = os.path.dirname(os.path.abspath(self.path))
         try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            raise MixerError(f"cannot write {self.path}: {e.strerror or e}") from None
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            kind = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+            raise MixerError(f"cannot write {self.path}: it {kind}; give the path of a file")
+        try:
             os.makedirs(folder, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",
-                                            suffix="-" + os.path.basename(self.path))
+            remove_stale_temporaries(folder)
+            self.tmp, fd = _create_temporary(folder, "-" + os.path.basename(self.path))
         except OSError as e:
             raise MixerError(f"cannot write {self.path}: {e.strerror or e}") from None
         self.file = os.fdopen(fd, "wb")
-        # mkstemp creates the file 0600: give it the mode open() would (0666 minus the umask),
-        # or the saved weights are unreadable to other users. Reading the umask sets it
-        # briefly; 0o077 keeps that instant safe for other threads.
-        umask = os.umask(0o077)
-        os.umask(umask)
-        try:
-            os.chmod(self.tmp, 0o666 & ~umask)
-        except OSError:  # filesystems without Unix permissions
-            pass
         return self.file
 
     def __exit__(self, kind, value, tb):
@@ -974,15 +980,86 @@ class atomic_write:
             self.file.close()
             if kind is None:
                 os.replace(self.tmp, self.path)
+                _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
         except OSError as e:
-            kind = type(e)
+            self._discard()
             raise MixerError(f"cannot write {self.path}: {e.strerror or e}") from None
-        finally:
-            if kind is not None and os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+        except BaseException:  # Ctrl-C while flushing: still leave nothing behind
+            self._discard()
+            raise
+        if kind is not None:
+            self._discard()
         if isinstance(value, OSError):
             raise MixerError(f"cannot write {self.path}: {value.strerror or value}") from None
         return False
+
+    def _discard(self):
+        try:
+            with contextlib.suppress(OSError):
+                self.file.close()
+        finally:  # even when a second Ctrl-C lands in close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+
+
+def _create_temporary(folder: str, suffix: str) -> tuple[str, int]:
+    """A new file `.tmp-<pid>-<random><suffix>` in folder: (path, fd open for writing). Its mode
+    is what open() would give (0666 less the umask), without touching the process's umask."""
+    for _ in range(100):
+        path = os.path.join(folder, f".tmp-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
+        try:
+            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename durable (POSIX); a no-op where folders cannot be opened."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Removes the `.tmp-<pid>-...` files and folders that atomic_write and the download cache
+    left in `folder` when their process was killed outright; returns what was removed. Those of
+    live processes (this one included) are left alone, so this is safe to run at any time."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-", 2)
+        if len(parts) < 3 or parts[0] != ".tmp" or not parts[1].isdigit():
+            continue
+        if _process_alive(int(parts[1])):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows has no harmless probe: keep them
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's, or not a pid
+        return pid > 0
+    return True
 
 
 # --------------------------------------------------------------------------------------------
