@@ -218,6 +218,13 @@ def check_shapes(config: MixerConfig, shapes: dict[str, tuple[int, ...]], what: 
 # Arithmetic (+), reshape and mean(axis) are the arrays' own, the same on all three.
 
 
+# MLX and tinygrad keep process-wide state (tinygrad's JIT capture and scheduler, MLX's graph
+# evaluation and compile cache) that two threads must not drive at once: every call into them
+# from the shim holds its backend's lock, so a model can be shared by a thread pool (calls run
+# one at a time; numpy's run side by side). MLX's split_batch streams are made per thread.
+BACKEND_LOCKS = {"mlx": threading.RLock(), "tinygrad": threading.RLock()}
+
+
 def gelu_tanh(x, tanh):
     return 0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * (x * x * x))))
 
@@ -276,15 +283,16 @@ class OpenBLAS:
     @contextlib.contextmanager
     def single_threaded(self):
         """OpenBLAS on one thread inside, so that each GEMM runs in the thread that calls it;
-        restored on the way out. Other threads' GEMMs on this library run single-threaded
-        meanwhile."""
+        restored on the way out, unless someone else set another count meanwhile (theirs is
+        kept). Other threads' GEMMs on this library run single-threaded meanwhile."""
         with self._lock:
             threads = self._get()
             self._set(1)
             try:
                 yield
             finally:
-                self._set(threads)
+                if self._get() == 1:
+                    self._set(threads)
 
     def map_single_threaded(self, fn, items: list) -> list:
         """fn over items, one Python thread each, OpenBLAS single-threaded meanwhile. numpy
@@ -314,10 +322,20 @@ def mlx_openblas() -> OpenBLAS | None:
         return None
 
 
+# The one switch of the speed machinery: data-parallel CPU forwards (numpy, and MLX on a Linux
+# CPU) set OpenBLAS to one thread while they run, which a program that manages BLAS threads
+# itself (threadpoolctl, its own openblas_set_num_threads) may not want: set False, or run
+# with MIXER_DATA_PARALLEL=0, and mixer never changes OpenBLAS's thread count.
+DATA_PARALLEL = os.environ.get("MIXER_DATA_PARALLEL", "1") != "0"
+
+
 def _split_count(batch: int, rows: int, threads: int, min_rows: int) -> int:
     """Into how many parts a batch of `batch` images holding `rows` token rows in all is split,
     one part per thread, for a data-parallel forward: 1 (serial) below `min_rows` rows per
-    thread, or when the parts would be too unequal (3 images on 2 threads measured 0.86x)."""
+    thread, when the parts would be too unequal (3 images on 2 threads measured 0.86x), or
+    when DATA_PARALLEL is off."""
+    if not DATA_PARALLEL:
+        return 1
     n = min(batch, rows // min_rows, threads)
     return n if n >= 2 and batch / (n * -(-batch // n)) >= 0.9 else 1
 
@@ -434,14 +452,16 @@ class MlxOps:
         self.mx = _import_mlx()
         self.dtype = _check_dtype(dtype)
         self._dtype = getattr(self.mx, dtype)
-        self._streams = []  # CPU streams for split batches (see split_batch)
+        self._local = threading.local()  # MLX streams belong to the thread that made them
 
     def asarray(self, a):
-        a = self.mx.array(np.asarray(a, dtype=np.float32))
-        return a if self.dtype == "float32" else a.astype(self._dtype)
+        with BACKEND_LOCKS["mlx"]:
+            a = self.mx.array(np.asarray(a, dtype=np.float32))
+            return a if self.dtype == "float32" else a.astype(self._dtype)
 
     def numpy(self, a):
-        return np.asarray(a if a.dtype == self.mx.float32 else a.astype(self.mx.float32))
+        with BACKEND_LOCKS["mlx"]:
+            return np.array(a if a.dtype == self.mx.float32 else a.astype(self.mx.float32))
 
     def dense(self, x, kernel, bias):
         return self.mx.addmm(bias, x, kernel) if x.ndim == 2 else x @ kernel + bias
@@ -469,12 +489,21 @@ class MlxOps:
         return _patchify(x, p, self.mx.transpose)
 
     def compile(self, fn):
-        """mx.compile(fn), its batches split across CPU streams where split_batch does so."""
+        """mx.compile(fn), its batches split across CPU streams where split_batch does so.
+
+        Only the main thread runs the compiled function: MLX 0.32 aborts the process at exit
+        ("terminate called without an active exception", 5-11 runs in 12 here) once a compiled
+        function has run in another thread. Other threads run fn's graph uncompiled: the same
+        arithmetic, without the fused element-wise kernels."""
         compiled = self.mx.compile(fn)
 
         def run(params, x):
-            parts = self.split_batch(x.shape[0], lambda lo, hi: compiled(params, x[lo:hi]))
-            return compiled(params, x) if parts is None else self.mx.concatenate(parts)
+            f = compiled if threading.current_thread() is threading.main_thread() else fn
+            with BACKEND_LOCKS["mlx"]:
+                parts = self.split_batch(x.shape[0], lambda lo, hi: f(params, x[lo:hi]))
+                out = f(params, x) if parts is None else self.mx.concatenate(parts)
+                self.mx.eval(out)
+                return out
         return run
 
     def split_batch(self, batch: int, fn):
@@ -491,12 +520,13 @@ class MlxOps:
         n = _split_count(batch, batch, blas.threads() if blas else 1, 1)
         if n < 2:
             return None
-        while len(self._streams) < n:
-            self._streams.append(mx.new_stream(mx.cpu))
+        streams = self._local.__dict__.setdefault("streams", [])
+        while len(streams) < n:
+            streams.append(mx.new_stream(mx.cpu))
         bounds = [batch * i // n for i in range(n + 1)]
         with blas.single_threaded():
             parts = []
-            for stream, lo, hi in zip(self._streams, bounds, bounds[1:]):
+            for stream, lo, hi in zip(streams, bounds, bounds[1:]):
                 with mx.stream(stream):
                     parts.append(fn(lo, hi))
             mx.eval(parts)  # here, so that the GEMMs run while OpenBLAS is single-threaded
@@ -510,9 +540,32 @@ class TinygradOps:
         self.tg = _import_tinygrad()
         self.dtype = _check_dtype(dtype)
         self._dtype = getattr(self.tg.dtypes, dtype)
+        self._open_device()
         if dtype != "float32" and not self._device_computes(self._dtype):
             raise MixerError(f"tinygrad's {self.tg.Device.DEFAULT} device cannot compute in "
                              f"{dtype} here: use another dtype (float32 always works) or device")
+
+    def _open_device(self):
+        """Opens tinygrad's default device (DEV, or its own choice) once, so that a device that
+        cannot work here (DEV=CUDA without a GPU, a misspelt DEV) is one clear error. tinygrad
+        writes the device it chose into os.environ["DEV"] (for its child processes); that is
+        undone, so that the process environment is as the user left it."""
+        before = os.environ.get("DEV")
+        try:
+            with BACKEND_LOCKS["tinygrad"]:
+                device = self.tg.Device.DEFAULT
+                self.tg.Device[device]
+        except Exception as e:  # noqa: BLE001 -- each runtime fails its own way
+            wanted = f"DEV={before}" if before else "its default device"
+            raise MixerError(f"tinygrad cannot open {wanted} here ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); set DEV to a "
+                             f"device this machine has (CPU, CL, CUDA, METAL, ...) or use "
+                             f"another backend") from None
+        finally:
+            if before is None:
+                os.environ.pop("DEV", None)
+            else:
+                os.environ["DEV"] = before
 
     def _device_computes(self, dtype) -> bool:
         """Whether the default device declares `dtype` and compiles a kernel with it: tinygrad
@@ -522,20 +575,46 @@ class TinygradOps:
         supported = getattr(getattr(device, "renderer", None), "supported_dtypes", None)
         if supported is not None and dtype not in supported():
             return False
+        compiler = getattr(device, "compiler", None)
+        render = getattr(getattr(device, "renderer", None), "render_dtype", None)
+        if type(compiler).__name__ == "ClangCompiler" and render is not None \
+                and not self._clang_compiles(compiler, render(dtype)):
+            return False
         try:
             stored = self.tg.Tensor([1.5, -2.0]).cast(dtype).realize()  # a kernel that writes it
             return stored.float().tolist() == [1.5, -2.0]
         except Exception:  # the device's compiler rejects the kernel
             return False
 
+    @staticmethod
+    def _clang_compiles(compiler, ctype: str) -> bool:
+        """Whether the clang that tinygrad's CPU device runs accepts pointers to and bit casts
+        into the C type `ctype` (as tinygrad's kernels use them), asked directly with clang's
+        messages captured: through tinygrad, a refusal prints 8-10 lines of clang errors."""
+        import subprocess
+        arch = getattr(compiler, "arch", None)
+        target = [f"--target={arch}-none-unknown-elf"] if arch else []
+        try:
+            done = subprocess.run([os.environ.get("CC", "clang"), "-c", "-x", "c", *target,
+                                   *getattr(compiler, "args", []), "-", "-o", os.devnull],
+                                  input=f"void f({ctype}* p, unsigned short u) {{ *p = "
+                                        f"__builtin_bit_cast({ctype}, u); }}\n".encode(),
+                                  capture_output=True,
+                                  timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0
+
     def asarray(self, a):
         # np.array copies: tinygrad's OpenCL upload needs a writable buffer, and loaded
         # weights are read-only
-        t = self.tg.Tensor(np.array(a, dtype=np.float32, order="C"))
-        return (t if self.dtype == "float32" else t.cast(self._dtype)).realize()
+        with BACKEND_LOCKS["tinygrad"]:
+            t = self.tg.Tensor(np.array(a, dtype=np.float32, order="C"))
+            return (t if self.dtype == "float32" else t.cast(self._dtype)).realize()
 
     def numpy(self, a):
-        return a.float().numpy()
+        with BACKEND_LOCKS["tinygrad"]:
+            return a.float().numpy()
 
     def dense(self, x, kernel, bias):
         return x @ kernel + bias
@@ -559,9 +638,10 @@ class TinygradOps:
         jits = {}
 
         def run(params, x):
-            if x.shape not in jits:
-                jits[x.shape] = self.tg.TinyJit(lambda p, t: fn(p, t).realize())
-            return jits[x.shape](params, x.realize())
+            with BACKEND_LOCKS["tinygrad"]:
+                if x.shape not in jits:
+                    jits[x.shape] = self.tg.TinyJit(lambda p, t: fn(p, t).realize())
+                return jits[x.shape](params, x.realize())
         return run
 
 
@@ -628,10 +708,20 @@ def default_backend() -> str:
         return choice
     if sys.platform == "darwin" and platform.machine() == "arm64" and _installed("mlx"):
         return "mlx"
-    dev = os.environ.get("DEV", "").split(":")[0].upper()
+    dev = _user_dev().split(":")[0].upper()
     if dev and dev not in ("CPU", "CLANG", "LLVM", "PYTHON") and _installed("tinygrad"):
         return "tinygrad"
     return "numpy"
+
+
+def _user_dev() -> str:
+    """DEV as the user set it. tinygrad writes the device it picked by itself into
+    os.environ["DEV"] (tinygrad 0.14, `Device._select_device`): that value is not a user's
+    choice, and reading it would make backend=None pick tinygrad after any tinygrad use."""
+    dev = os.environ.get("DEV", "")
+    device = getattr(sys.modules.get("tinygrad"), "Device", None)
+    chosen = vars(device).get("_select_device") if device is not None else None
+    return "" if dev and dev == chosen else dev
 
 
 def _installed(module: str) -> bool:
