@@ -47,7 +47,17 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 
-import numpy as np
+if __name__ == "__main__":
+    def _interrupted_while_starting(kind, value, tb, report=sys.excepthook):
+        """Ctrl-C during start-up (importing numpy and a backend takes a moment, before
+        run_main's handling begins): one line and status 130, as at any later moment."""
+        if issubclass(kind, KeyboardInterrupt):
+            print("mixer: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+        report(kind, value, tb)
+    sys.excepthook = _interrupted_while_starting
+
+import numpy as np  # noqa: E402 -- after the start-up handler above
 
 # --------------------------------------------------------------------------------------------
 # Numerics that decide parity with the official (flax) outputs.
@@ -348,7 +358,7 @@ class NumpyOps:
     def __init__(self, dtype: str = "float32"):
         if _check_dtype(dtype) != "float32":
             raise MixerError(f"the numpy backend computes in float32 only (numpy has no fast "
-                             f"{dtype} matmul): use --backend mlx or tinygrad for {dtype}")
+                             f"{dtype} matmul): use backend \"mlx\" or \"tinygrad\" (--backend) for {dtype}")
         self.dtype = dtype
 
     HIDDEN_CHUNK = 1 << 21  # hidden activations per MLP chunk (8 MiB): measured best on B/16
@@ -1938,7 +1948,7 @@ def run_main(prog: str, body) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return _fail(prog, f"error: {where}{e.strerror or e}", 2)
     except MemoryError:
-        return _fail(prog, "error: out of memory (a smaller --batch-size or model may fit)", 2)
+        return _fail(prog, "error: out of memory (a smaller batch or model may fit)", 2)
     except Exception as e:  # noqa: BLE001 -- a bug: one line, the traceback on request
         if os.environ.get("MIXER_DEBUG"):
             raise

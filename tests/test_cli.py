@@ -187,7 +187,7 @@ def test_half_precision_dtype(files):
                   "--dtype", "bfloat16"])
     assert result.returncode == 2 and result.stderr.splitlines() == [
         "mixer: error: the numpy backend computes in float32 only (numpy has no fast bfloat16 "
-        "matmul): use --backend mlx or tinygrad for bfloat16"]
+        "matmul): use backend \"mlx\" or \"tinygrad\" (--backend) for bfloat16"]
 
 
 @pytest.fixture(scope="module")
