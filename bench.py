@@ -335,8 +335,8 @@ def print_table(title, rows, columns):
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)).rstrip())
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["S/32", "B/16"],
                         choices=sorted(mixer.VARIANTS))
     parser.add_argument("--backends", nargs="+", default=None, choices=sorted(mixer.BACKENDS),
@@ -363,7 +363,11 @@ def main(argv=None):
                         help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "VARIANT", "OPTIONS"),
                         help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.worker:
         return worker(args.worker[0], args.worker[1], json.loads(args.worker[2]))
     if args.train_worker:
