@@ -835,7 +835,20 @@ def _unique_keys(pairs):
     return d
 
 
-class SafetensorsFile:
+class _OpenFile:
+    """A file held open by an object (self._file) that is its own context manager."""
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsFile(_OpenFile):
     """An open safetensors file whose header has been checked in full; tensors are read on
     demand (`read(name)`, or iterate `items()`) into memory of their own.
 
@@ -963,15 +976,6 @@ class SafetensorsFile:
         """(name, tensor) pairs, each tensor read when the iteration reaches it."""
         for key in self._entries:
             yield key, self.read(key, finite)
-
-    def close(self):
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _all_finite(a: np.ndarray) -> bool:
@@ -1457,7 +1461,7 @@ def find_labels(spec: str | None, num_classes: int | None) -> list[str] | None:
     return labels
 
 
-class NpzFile:
+class NpzFile(_OpenFile):
     """An official checkpoint (.npz: an uncompressed zip of .npy arrays, written by numpy.savez)
     opened with every member's header read and checked, nothing unpickled, and no array data
     read until asked for (`read`): so a file that claims absurd shapes, hides a pickle, or is a
@@ -1544,15 +1548,6 @@ class NpzFile:
             raise MixerError(f"{self.name}: array {key!r} holds NaN or infinite values: the "
                              f"checkpoint is damaged")
         return a
-
-    def close(self):
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def read_npz(path: str, name: str | None = None) -> dict[str, np.ndarray]:
