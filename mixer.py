@@ -1076,8 +1076,8 @@ class Mixer:
         if not isinstance(path, (str, os.PathLike)):
             raise MixerError(f"save needs a file path, got {type(path).__name__}")
         if dtype not in ("float32", "float16", "bfloat16"):
-            raise MixerError(f"save: unknown dtype {dtype!r}: expected float32, float16 or "
-                             f"bfloat16")
+            raise MixerError(f"save: unsupported dtype {dtype!r}: expected float32, float16 "
+                             f"or bfloat16")
         if source is not None and not isinstance(source, str):
             raise MixerError(f"save: source must be a string or None, got {type(source).__name__}")
         params = self.numpy_params()
@@ -1567,11 +1567,12 @@ def _resample_rgb(img, name, size, resize, Image, ImageOps) -> np.ndarray:
                          f"large that you trust)")
     img = _to_rgb(ImageOps.exif_transpose(img))
     w, h = img.size  # exif_transpose may have swapped them
-    if resize == "squash":
-        # a narrow, tall image is shrunk vertically first: the other order would make an
-        # intermediate image `size` times the source's (older Pillow always goes horizontally
-        # first; Pillow 13 chooses by itself)
-        img = _resample(img, (0.0, 0.0, w, h), size, vertical_first=w < size < h)
+    if resize == "squash" and w < size < h:
+        # narrow and tall: shrunk vertically first, by hand. Pillow before 13 always goes
+        # horizontally first, through an intermediate image `size` / w times the source's
+        img = _resample(img, (0, 0, w, h), size, vertical_first=True)
+    elif resize == "squash":
+        img = img.resize((size, size), Image.BICUBIC)
     else:
         short = int(size / 0.875)
         if w <= h:
@@ -1625,6 +1626,9 @@ def _to_rgb(img):
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(a, mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        # by way of RGBA, as Pillow asks (else it warns on stderr); the alpha is then dropped
+        img = img.convert("RGBA")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
