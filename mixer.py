@@ -1525,9 +1525,9 @@ def preprocess(image, size: int = 224, resize: str = "crop") -> np.ndarray:
     try:
         if is_path:
             with _open_regular(image, name) as f, Image.open(f) as img:
-                pixels = _resample_rgb(img, name, size, resize, Image, ImageOps)
+                pixels = _resample_rgb(img, name, size, resize)
         else:
-            pixels = _resample_rgb(image, name, size, resize, Image, ImageOps)
+            pixels = _resample_rgb(image, name, size, resize)
     except FileNotFoundError:
         raise MixerError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -1547,16 +1547,15 @@ def _open_regular(path, name):
     open, then fstat of what was opened: no window between the check and the use."""
     nonblocking = getattr(os, "O_NONBLOCK", 0)  # absent on Windows, which has no FIFOs to open
     f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | nonblocking))
-    mode = os.fstat(f.fileno()).st_mode
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # (open refuses a directory itself)
         f.close()
-        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise MixerError(f"{name}: is {kind}, not an image")
+        raise MixerError(f"{name}: is not a regular file, not an image")
     return f
 
 
-def _resample_rgb(img, name, size, resize, Image, ImageOps) -> np.ndarray:
+def _resample_rgb(img, name, size, resize) -> np.ndarray:
     """preprocess's work on an opened PIL image: RGB uint8 pixels (size, size, 3)."""
+    Image, ImageOps = _import_pil()
     w, h = img.size  # read from the header: nothing decoded yet
     if not w or not h:
         raise MixerError(f"{name}: the image has no pixels ({w}x{h})")
