@@ -44,6 +44,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -71,6 +72,28 @@ class MixerError(Exception):
     """A user-facing problem (bad file, bad image, bad argument): the message says what to do."""
 
 
+def _positive_int(value, what: str) -> int:
+    """value as an int >= 1 (numpy integers too; bools, floats and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise MixerError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
+
+
+# Characters that a terminal acts on or that break a line: C0 and C1 controls, DEL, the
+# Unicode line and paragraph separators; and lone surrogates, which cannot be encoded for
+# printing at all (U+DC80..U+DCFF stand for the undecodable bytes of a file name: os.fsdecode).
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_UNPRINTABLE.update({c: f"\\u{c:04x}" for c in [0x2028, 0x2029, *range(0xD800, 0xE000)]})
+_UNPRINTABLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
+
+
+def _printable(text: str) -> str:
+    """text with the characters above written as escapes (\\x1b, \\n as \\x0a, an undecodable
+    byte as \\xff), other Unicode kept: a label or a file name cannot move the cursor, retitle
+    the terminal or start a new output line."""
+    return text.translate(_UNPRINTABLE)
+
+
 # --------------------------------------------------------------------------------------------
 # Config and variants (paper Table 1). Field names are the official code's.
 
@@ -92,6 +115,7 @@ class MixerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MixerError(f"MixerConfig.{field} must be a positive int, got {value!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int)
+                                             or isinstance(self.num_classes, bool)
                                              or self.num_classes < 1):
             raise MixerError(f"MixerConfig.num_classes must be a positive int or None, "
                              f"got {self.num_classes!r}")
@@ -1171,6 +1195,13 @@ def _process_alive(pid: int) -> bool:
 
 DEFAULT_PREPROCESSING = {"resize": "crop", "crop_pct": 0.875, "interpolation": "bicubic",
                          "scale": "x / 127.5 - 1"}
+# Mixer.at_resolution refuses to build new token-mixing weights larger than this: they grow as
+# the fourth power of the factor (B/16 from 224 to 1792 px would need 28 GiB).
+AT_RESOLUTION_MAX_BYTES = 4 * 2**30
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 class Mixer:
@@ -1212,14 +1243,21 @@ class Mixer:
             return self.backend == "numpy" and v.dtype == np.float32
         return self.dtype == "float32"
 
-    def _run(self, fn, x):
-        x = np.asarray(x)
+    def _run(self, fn, x, width: int) -> np.ndarray:
+        """fn's float32 output (B, width) for the batch x, checked first."""
+        try:
+            x = np.asarray(x)
+        except ValueError as e:  # a ragged list of arrays
+            raise MixerError(f"expected images of shape (B, H, W, 3), got {e}") from None
         if x.ndim == 3:
             raise MixerError(f"expected a batch (B, H, W, 3), got one image of shape {x.shape}: "
                              f"use x[None]")
         size = self.config.image_size
         if x.ndim != 4 or x.shape[3] != 3:
             raise MixerError(f"expected images of shape (B, H, W, 3), got {x.shape}")
+        if x.dtype.kind != "f":  # uint8 pixels straight from a file are the usual mistake
+            raise MixerError(f"expected float images scaled to [-1, 1] (mixer.preprocess makes "
+                             f"them), got an array of {x.dtype}")
         if x.shape[1:3] != (size, size):
             p = self.config.patch_size
             hint = ("" if x.shape[1] % p == 0 and x.shape[2] % p == 0 else
@@ -1227,26 +1265,51 @@ class Mixer:
             raise MixerError(f"this model takes {size}x{size} images, got "
                              f"{x.shape[1]}x{x.shape[2]}{hint}; use mixer.preprocess(image, "
                              f"size={size}) or Mixer.at_resolution for a new size")
+        if not np.isfinite(x).all():
+            raise MixerError("non-finite input: the images hold NaN or infinite values")
+        if len(x) == 0:  # the same on every backend, without asking one to compute nothing
+            return np.zeros((0, width), np.float32)
         return self._ops.numpy(fn(self.params, self._ops.asarray(x)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits (B, num_classes) for float32 images (B, H, W, 3) scaled to [-1, 1]."""
+        """Logits (B, num_classes) for float images (B, H, W, 3) scaled to [-1, 1]; an empty
+        batch gives an empty (0, num_classes) result. Non-finite inputs are refused."""
         if self.config.num_classes is None:
             raise MixerError("this model has no head (num_classes=None); use Mixer.features")
-        return self._run(self._logits, x)
+        return self._run(self._logits, x, self.config.num_classes)
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Pre-logits (B, hidden_dim): the token mean after the pre-head LayerNorm."""
-        return self._run(self._features, x)
+        return self._run(self._features, x, self.config.hidden_dim)
 
     def classify(self, images, top_k: int = 5, batch_size: int = 32, resize: str | None = None):
-        """For each image (path, PIL image, or an array batch from preprocess) a list of
-        (index, label or None, probability), most probable first. Paths and PIL images are
-        preprocessed a batch at a time (resize: default the weights file's, else "crop")."""
+        """For each image a list of its top_k classes as (index, label or None, probability),
+        most probable first: a list with one entry per image, also when given one image.
+
+        images: a list (or any iterable) of paths and PIL images, preprocessed batch_size at a
+        time (resize: default the weights file's, else "crop"); one path or PIL image; or an
+        array batch (B, H, W, 3) from preprocess. A MixerError if the model's outputs are not
+        finite (damaged weights, or inputs far out of range): no probabilities are made up.
+        """
+        top_k = _positive_int(top_k, "top_k")
+        batch_size = _positive_int(batch_size, "batch_size")
+        if resize not in (None, "crop", "squash"):
+            raise MixerError(f"resize must be 'crop', 'squash' or None, got {resize!r}")
+        if self.config.num_classes is None:
+            raise MixerError("this model has no head (num_classes=None): nothing to classify")
+        if isinstance(images, (str, os.PathLike)) or _is_pil_image(images):
+            images = [images]  # one image, not an iterable of characters or pixels
         if isinstance(images, np.ndarray):
-            batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+            # slices of a batch; an empty or misshapen array goes to the model whole, which
+            # checks it (and gives no rows for an empty batch)
+            batches = ([images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+                       if images.ndim == 4 and len(images) else [images])
         else:
-            images = list(images)
+            try:
+                images = list(images)
+            except TypeError:
+                raise MixerError(f"expected images (paths, PIL images or an array batch), got "
+                                 f"{type(images).__name__}") from None
             size = self.config.image_size
             resize = resize or self.preprocessing.get("resize", "crop")
             batches = (np.stack([preprocess(im, size=size, resize=resize)
@@ -1255,6 +1318,9 @@ class Mixer:
         results = []
         for batch in batches:
             logits = self(batch).astype(np.float64)
+            if not np.isfinite(logits).all():
+                raise MixerError("the model produced non-finite outputs: its weights are damaged "
+                                 "or the input is out of range")
             probs = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
             k = min(top_k, probs.shape[1])
@@ -1265,6 +1331,10 @@ class Mixer:
         return results
 
     def numpy_params(self) -> dict[str, np.ndarray]:
+        """The weights as float32 numpy arrays by official name ("stem/kernel", ...), in the
+        official layouts (Dense kernels (in, out), the stem kernel HWIO). On mlx and tinygrad
+        these are copies, weights held in float16 or bfloat16 widened to float32 exactly; on
+        numpy they are the model's own arrays, not copies: copy one before changing it."""
         return {k: self._ops.numpy(v) for k, v in self.params.items()}
 
     def at_resolution(self, image_size: int) -> "Mixer":
@@ -1275,11 +1345,20 @@ class Mixer:
         independently: its logits are the mean of this model's logits on the K² tiles.
         """
         old = self.config.image_size
-        if not isinstance(image_size, int) or image_size < old or image_size % old:
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
+                or image_size < old or image_size % old:
             raise MixerError(f"at_resolution needs an integer multiple of the current size "
                              f"{old} (e.g. {2 * old}), got {image_size!r}")
+        image_size = int(image_size)
         k, g = image_size // old, old // self.config.patch_size  # K, old grid side
         d = self.config.tokens_mlp_dim  # D_S
+        # the new token-mixing kernels grow as K^4 ((K²S, K²D_S) each): refuse before allocating
+        need = self.config.num_blocks * 2 * (k * k * g * g) * (k * k * d) * 4
+        if need > AT_RESOLUTION_MAX_BYTES:
+            raise MixerError(f"at_resolution({image_size}) would need {_gib(need)} for the new "
+                             f"token-mixing weights (the limit is "
+                             f"{_gib(AT_RESOLUTION_MAX_BYTES)}): choose a smaller multiple of "
+                             f"{old}")
         t = np.arange((k * g) ** 2)[:, None]  # every new token, row-major over the new grid
         y, x = divmod(t, k * g)
         q = (y // g) * k + x // g  # its tile
@@ -1300,6 +1379,31 @@ class Mixer:
                      preprocessing=self.preprocessing, dtype=self.dtype)
 
     def save(self, path: str, dtype: str = "float32", source: str | None = None) -> None:
+        """Writes the model to a safetensors file that mixer.load reads back: the weights under
+        their official names, and as metadata the config, the label names and the
+        preprocessing (and `source`, a free-text note on where the weights came from).
+
+        dtype is what the file stores, whatever the model computes in: "float32" (exact),
+        "bfloat16" (half the size, float32's range, ~3 significant digits) or "float16" (half
+        the size, more digits, but values beyond 65504 do not fit: refused). Weights that are
+        not finite are refused too. The file is written atomically: a temporary file in the
+        same folder, renamed over `path` only once complete, so `path` never holds half a file.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise MixerError(f"save needs a file path, got {type(path).__name__}")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise MixerError(f"save: unsupported dtype {dtype!r}: expected float32, float16 "
+                             f"or bfloat16")
+        if source is not None and not isinstance(source, str):
+            raise MixerError(f"save: source must be a string or None, got {type(source).__name__}")
+        params = self.numpy_params()
+        for name, a in params.items():
+            if not np.isfinite(a).all():
+                raise MixerError(f"save: the weights hold non-finite values (first in {name!r}): "
+                                 f"nothing written")
+            if dtype == "float16" and a.size and np.abs(a).max() > np.finfo(np.float16).max:
+                raise MixerError(f"save: {name!r} holds values up to {np.abs(a).max():.3g}, "
+                                 f"beyond float16's 65504: save as bfloat16 or float32")
         metadata = {"format": "mixer", "mixer.format_version": FORMAT_VERSION,
                     "mixer.config": json.dumps(self.config.to_dict()),
                     "mixer.preprocessing": json.dumps(self.preprocessing)}
@@ -1307,7 +1411,7 @@ class Mixer:
             metadata["mixer.labels"] = json.dumps(self.labels)
         if source:
             metadata["mixer.source"] = source
-        write_safetensors(path, self.numpy_params(), metadata, dtype=dtype)
+        write_safetensors(path, params, metadata, dtype=dtype)
 
     def __repr__(self):
         name = self.config.variant or "custom"
@@ -1359,9 +1463,41 @@ def _json_metadata(metadata, key, path, kind):
     return value
 
 
+def num_params(config: MixerConfig) -> int:
+    """How many numbers the weights of `config` hold (the sizes of param_shapes, summed), worked
+    out without listing them: a config can be too large to list."""
+    p, c, s = config.patch_size, config.hidden_dim, config.num_tokens
+    ds, dc, n = config.tokens_mlp_dim, config.channels_mlp_dim, config.num_classes
+    block = 4 * c + (2 * s * ds + ds + s) + (2 * c * dc + dc + c)  # 2 LayerNorms, 2 MLPs
+    head = 0 if n is None else c * n + n
+    return p * p * 3 * c + c + config.num_blocks * block + 2 * c + head
+
+
+def _physical_memory() -> int | None:
+    """This machine's RAM in bytes, where the system says (POSIX); else None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def init_params(config: MixerConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """The official initialisation: lecun-normal kernels (truncated normal, fan-in), zero biases,
-    LayerNorm scale 1, and a zero head."""
+    LayerNorm scale 1, and a zero head. A config whose weights cannot fit in this machine's
+    memory is refused with a MixerError that names their size, before anything is allocated."""
+    if not isinstance(config, MixerConfig):
+        raise MixerError(f"expected a MixerConfig, got {type(config).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise MixerError(f"seed must be a non-negative int, got {seed!r}")
+    # float32 weights, plus the largest kernel's float64 draw and its scaled copy
+    largest = max(config.tokens_mlp_dim * config.num_tokens,
+                  config.channels_mlp_dim * config.hidden_dim,
+                  config.patch_size ** 2 * 3 * config.hidden_dim)
+    need = 4 * num_params(config) + 16 * largest
+    memory = _physical_memory()
+    if memory is not None and need > memory:
+        raise MixerError(f"this config's {num_params(config):,} weights need {_gib(need)}, more "
+                         f"than this machine's {_gib(memory)} of memory")
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
@@ -1745,48 +1881,140 @@ def _fetch(url, f, progress, timeout):
 def preprocess(image, size: int = 224, resize: str = "crop") -> np.ndarray:
     """A path or PIL image -> float32 (size, size, 3) in [-1, 1].
 
-    Any mode becomes RGB (16-bit and float modes rescaled to 8 bits), after EXIF orientation.
-    resize="crop": the paper's evaluation geometry, shorter side to int(size / 0.875) with
-    bicubic resampling, then a centre crop. resize="squash": the whole image to size x size.
+    Any mode becomes RGB (16-bit and float modes rescaled to 8 bits), after EXIF orientation;
+    of an animation or a multi-page file, the first frame. resize="crop": the paper's evaluation
+    geometry, shorter side to int(size / 0.875) with bicubic resampling, then a centre crop.
+    resize="squash": the whole image to size x size. Either way only the source pixels that
+    the output needs are resampled, so that time and memory follow the output size, not the
+    image's aspect ratio.
+
+    Refused with a MixerError: anything but a path or a PIL image, a path that is not a regular
+    file (a folder, a FIFO, a device), a file Pillow cannot decode (truncated, corrupt, not an
+    image), and an image of more pixels than Pillow's PIL.Image.MAX_IMAGE_PIXELS.
     """
     Image, ImageOps = _import_pil()
+    size = _positive_int(size, "size")
     if resize not in ("crop", "squash"):
         raise MixerError(f"resize must be 'crop' or 'squash', got {resize!r}")
-    name = image if isinstance(image, (str, os.PathLike)) else "image"
+    is_path = isinstance(image, (str, os.PathLike))
+    if not is_path and not isinstance(image, Image.Image):
+        raise MixerError(f"expected an image file's path or a PIL image, got "
+                         f"{type(image).__name__} (a preprocessed array goes straight to the "
+                         f"model as a batch (B, H, W, 3))")
+    name = _printable(os.fsdecode(image)) if is_path else "image"
     try:
-        img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        if resize == "squash":
-            img = img.resize((size, size), Image.BICUBIC)
+        if is_path:
+            with _open_regular(image, name) as f, Image.open(f) as img:
+                pixels = _resample_rgb(img, name, size, resize)
         else:
-            short = int(size / 0.875)
-            w, h = img.size
-            if w <= h:
-                new = (short, max(short, round(h * short / w)))
-            else:
-                new = (max(short, round(w * short / h)), short)
-            img = img.resize(new, Image.BICUBIC)
-            left, top = (new[0] - size) // 2, (new[1] - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        pixels = np.asarray(img, dtype=np.float32)
+            pixels = _resample_rgb(image, name, size, resize)
     except FileNotFoundError:
         raise MixerError(f"{name}: no such file") from None
     except IsADirectoryError:
         raise MixerError(f"{name}: is a directory, not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise MixerError(f"{name}: cannot read the image ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # the warning arrives as an exception where warnings are errors (the command line)
+        raise MixerError(f"{name}: {e} (Pillow's limit: raise PIL.Image.MAX_IMAGE_PIXELS to "
+                         f"read an image this large that you trust)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MixerError(_printable(f"{name}: cannot read the image ({e})")) from None
     return pixels / 127.5 - 1.0
 
 
+def _open_regular(path, name):
+    """The file at path, opened for reading only if it is a regular file: a FIFO would block
+    the read (or the open) forever and a device such as /dev/zero never ends. Non-blocking
+    open, then fstat of what was opened: no window between the check and the use."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # absent on Windows, which has no FIFOs to open
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | nonblocking))
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # (open refuses a directory itself)
+        f.close()
+        raise MixerError(f"{name}: is not a regular file, not an image")
+    return f
+
+
+def _resample_rgb(img, name, size, resize) -> np.ndarray:
+    """preprocess's work on an opened PIL image: RGB uint8 pixels (size, size, 3)."""
+    Image, ImageOps = _import_pil()
+    w, h = img.size  # read from the header: nothing decoded yet
+    if not w or not h:
+        raise MixerError(f"{name}: the image has no pixels ({w}x{h})")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h > limit:  # Pillow only warns between 1x and 2x its limit
+        raise MixerError(f"{name}: {w}x{h} is {w * h} pixels, more than Pillow's limit of "
+                         f"{limit} (raise PIL.Image.MAX_IMAGE_PIXELS to read an image this "
+                         f"large that you trust)")
+    img = _to_rgb(ImageOps.exif_transpose(img))
+    w, h = img.size  # exif_transpose may have swapped them
+    if resize == "squash" and w < size < h:
+        # narrow and tall: shrunk vertically first, by hand. Pillow before 13 always goes
+        # horizontally first, through an intermediate image `size` / w times the source's
+        img = _resample(img, (0, 0, w, h), size, vertical_first=True)
+    elif resize == "squash":
+        img = img.resize((size, size), Image.BICUBIC)
+    else:
+        short = int(size / 0.875)
+        if w <= h:
+            new = (short, max(short, round(h * short / w)))
+        else:
+            new = (max(short, round(w * short / h)), short)
+        # the centre size x size of the image resized to `new`, in source coordinates
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        sx, sy = w / new[0], h / new[1]
+        img = _resample(img, (left * sx, top * sy, (left + size) * sx, (top + size) * sy), size)
+    return np.asarray(img, dtype=np.float32)
+
+
+def _resample(img, box, size: int, vertical_first: bool = False):
+    """The source rectangle box = (x0, y0, x1, y1) of an RGB image, bicubic-resampled to
+    size x size: the same pixels (up to float rounding) as resizing the whole image so that
+    the box becomes size x size and cropping the box out, for a fraction of the work.
+
+    Only the source pixels the filter reads are cut out first (bicubic reads 2 pixels either
+    side of each output pixel's centre, times the scale when shrinking; the margin keeps
+    every filter window whole except at the image's own edges), so a 1x30000 image costs what
+    a small one does; and the box coordinates Pillow is given (as float32) stay small, so exact.
+    The two passes are made one at a time so that their order does not depend on Pillow's
+    version: horizontal first, as Pillow always did for a whole-image resize before 13.
+    """
+    Image, _ = _import_pil()
+    w, h = img.size
+    x0, y0, x1, y1 = box
+    mx = math.ceil(2 * max((x1 - x0) / size, 1)) + 1
+    my = math.ceil(2 * max((y1 - y0) / size, 1)) + 1
+    c0, r0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
+    c1, r1 = min(w, math.ceil(x1) + mx), min(h, math.ceil(y1) + my)
+    if (c0, r0, c1, r1) != (0, 0, w, h):
+        img = img.crop((c0, r0, c1, r1))
+        x0, y0, x1, y1 = x0 - c0, y0 - r0, x1 - c0, y1 - r0
+    cols, rows = img.size
+    if vertical_first:
+        img = img.resize((cols, size), Image.BICUBIC, box=(0, y0, cols, y1))
+        return img.resize((size, size), Image.BICUBIC, box=(x0, 0, x1, size))
+    img = img.resize((size, rows), Image.BICUBIC, box=(x0, 0, x1, rows))
+    return img.resize((size, size), Image.BICUBIC, box=(0, y0, size, y1))
+
+
 def _to_rgb(img):
+    """Any PIL mode as RGB: 16-bit and 32-bit integer and float modes scaled to 8 bits first."""
     Image, _ = _import_pil()
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():  # float images can hold them; no 8-bit value stands for them
+            raise ValueError("it holds NaN or infinite pixel values")
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(a, mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        # by way of RGBA, as Pillow asks (else it warns on stderr); the alpha is then dropped
+        img = img.convert("RGBA")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _is_pil_image(x) -> bool:
+    """Whether x is a PIL image, without importing Pillow (if it is, Pillow is imported)."""
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(x, pil.Image)
 
 
 def _import_pil():
@@ -1827,7 +2055,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k=5, resize=None,
             json=False, dtype="float32"):
     """The CLI as a function: returns the text it prints."""
-    if top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise MixerError(f"--top-k must be at least 1, got {top_k}")
     if weights is not None and variant is not None:
         raise MixerError("give --weights FILE or --variant NAME, not both")
@@ -1840,16 +2068,25 @@ def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k
     else:
         raise MixerError("give --weights FILE.safetensors, or --variant (e.g. --variant B/16) to "
                          "download the official checkpoint once")
-    results = model.classify(images, top_k=top_k, resize=resize)
+    Image, _ = _import_pil()
+    with warnings.catch_warnings():
+        # Pillow warns (two lines on stderr) about an image of 1-2x its pixel limit and refuses
+        # larger ones: here both are the same one-line error (preprocess). The filter is the
+        # process's, so this is done here, for the command line, not in the library.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        results = model.classify(images, top_k=top_k, resize=resize)
     if json:
+        # ensure_ascii (the default) escapes every control character, so the document is safe
+        # on a terminal; allow_nan=False: never the invalid JSON `NaN` (classify refuses them)
         doc = [{"image": path, "top_k": [{"index": i, "label": label, "probability": p}
                                          for i, label, p in top]}
                for path, top in zip(images, results)]
-        return _json_dumps(doc, indent=2)
+        return _json_dumps(doc, indent=2, allow_nan=False)
     lines = []
     for path, top in zip(images, results):
-        lines.append(path)
-        lines += [f"  {p:7.2%}  {label if label is not None else 'class ' + str(i)}"
+        # file names and label names come from outside: no escape sequence reaches the terminal
+        lines.append(_printable(path))
+        lines += [f"  {p:7.2%}  {_printable(label) if label is not None else f'class {i}'}"
                   for i, label, p in top]
     return "\n".join(lines)
 
