@@ -826,23 +826,27 @@ _MAX_HEADER = 100 * 2**20
 _MAX_DIMS = 8  # a Mixer tensor has at most 4; the cap keeps hostile shapes away from numpy
 
 
-def _open_regular(path, name: str | None = None, what: str = "weights"):
-    """Opens `path` for binary reading if it is a regular file, else a MixerError: a FIFO, a
-    device or a socket would block or never end. O_NONBLOCK makes opening a FIFO return at once
-    (it means nothing for regular files), so the check happens on what was actually opened."""
+def _open_regular(path, name: str | None = None, what: str = "a weights file"):
+    """Opens `path` for binary reading if it is a regular file, else a MixerError naming it as
+    `name` and saying it is not `what`: a FIFO would block the open (or the read) forever, a
+    device such as /dev/zero never ends. The open is non-blocking (it means nothing for regular
+    files) and the check is made on what was opened, so there is no window between the two."""
     path = os.fspath(path)
     name = name or path
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise MixerError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise MixerError(f"{name}: is a directory, expected a file") from None
+        raise MixerError(f"{name}: is a directory, not {what}") from None
     except OSError as e:
-        raise MixerError(f"cannot read {what} {name}: {e.strerror or e}") from None
+        raise MixerError(f"cannot read {name}: {e.strerror or e}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = "is a directory" if stat.S_ISDIR(mode) else "not a regular file (a pipe or device)"
-        raise MixerError(f"{name}: {kind}; expected a {what} file")
+        kind = "is a directory" if stat.S_ISDIR(mode) else \
+            "is not a regular file (a pipe or a device)"
+        raise MixerError(f"{name}: {kind}, not {what}")
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
@@ -1605,7 +1609,7 @@ class NpzFile(_OpenFile):
 
     def __init__(self, path, name: str | None = None):
         self.name = name or os.fspath(path)
-        self._file = _open_regular(path, self.name)
+        self._file = _open_regular(path, self.name, "an .npz checkpoint")
         try:
             # Checked first: np.load would take any other file for a pickle and refuse it as one.
             magic = self._file.read(4)
@@ -1904,7 +1908,7 @@ def preprocess(image, size: int = 224, resize: str = "crop") -> np.ndarray:
     name = _printable(os.fsdecode(image)) if is_path else "image"
     try:
         if is_path:
-            with _open_regular(image, name) as f, Image.open(f) as img:
+            with _open_regular(image, name, "an image") as f, Image.open(f) as img:
                 pixels = _resample_rgb(img, name, size, resize)
         else:
             pixels = _resample_rgb(image, name, size, resize)
@@ -1919,18 +1923,6 @@ def preprocess(image, size: int = 224, resize: str = "crop") -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:
         raise MixerError(_printable(f"{name}: cannot read the image ({e})")) from None
     return pixels / 127.5 - 1.0
-
-
-def _open_regular(path, name):
-    """The file at path, opened for reading only if it is a regular file: a FIFO would block
-    the read (or the open) forever and a device such as /dev/zero never ends. Non-blocking
-    open, then fstat of what was opened: no window between the check and the use."""
-    nonblocking = getattr(os, "O_NONBLOCK", 0)  # absent on Windows, which has no FIFOs to open
-    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | nonblocking))
-    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # (open refuses a directory itself)
-        f.close()
-        raise MixerError(f"{name}: is not a regular file, not an image")
-    return f
 
 
 def _resample_rgb(img, name, size, resize) -> np.ndarray:

@@ -220,7 +220,7 @@ def bad_files(files, tmp_path_factory):
     ("directory", None, "is a directory"),
     (None, "corrupt.safetensors", "not a safetensors file"),
     (None, "truncated.safetensors", "truncated or corrupt"),
-    (None, "missing.jpg", "No such file"),
+    (None, "missing.jpg", "no such file"),
     (None, "directory", "is a directory"),
 ])
 def test_bad_input_is_one_line_exit_2(files, bad_files, image, weights, message):
