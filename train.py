@@ -13,14 +13,22 @@ decay, softmax cross-entropy, a zero-initialised head, random resized crop + hor
     python train.py --resume runs/20250101-120000                          # after Ctrl-C
     mlx.launch -n 2 --backend ring -- python train.py DATA_DIR ...         # data-parallel
 
-RUN_DIR (--out, default runs/<timestamp>) receives best.safetensors and last.safetensors (mixer.py
-weights with the dataset's class names as labels: `python mixer.py img.jpg --weights
-RUN_DIR/best.safetensors`), metrics.jsonl (one JSON object per logged step) and state.safetensors,
-everything --resume needs (params, momentum buffers, step, settings; no pickle). The data order and
-the augmentation are pure functions of (seed, position in the sample stream), so the step number
-is the whole data-loader state and a resumed run repeats the uninterrupted one. Ctrl-C (or
-SIGTERM) finishes the step in progress, saves, and exits with status 130; a second one stops at
-once, leaving the last saved state.
+RUN_DIR (--out, default runs/<timestamp>) receives last.safetensors (at every evaluation and at
+a stop) and best.safetensors (from the first evaluation on), mixer.py weights with the dataset's
+class names as labels (`python mixer.py img.jpg --weights RUN_DIR/best.safetensors`);
+metrics.jsonl (one JSON object per logged step); and state.safetensors, everything --resume
+needs (params, momentum buffers, step, settings; no pickle). The data order and the
+augmentation are pure functions of (seed, position in the sample stream), so the step number is
+the whole data-loader state and a resumed run repeats the uninterrupted one.
+
+A run owns its directory: a new run creates it (or takes an empty --out) and, like --resume,
+holds a lock on RUN_DIR/train.lock while it runs, so that a second train.py on the same
+directory is refused. A progress line follows the first step, then every --log-every steps.
+Once training runs, Ctrl-C (or SIGTERM, SIGHUP) finishes the step in progress, saves
+last.safetensors and the state, and exits with status 130; a second one stops at once, leaving
+the last saved state (130). Before the first step starts, a signal stops at once (130 for
+Ctrl-C, 128 + the signal's number otherwise), and a new run that saved nothing leaves no
+directory behind.
 
 --batch-size counts the images of one optimizer step over all processes. Under mlx.launch each
 rank decodes and runs its share of every global batch (split into --accum-steps micro-batches),
@@ -35,12 +43,16 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import hashlib
+import itertools
 import json
 import math
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -50,10 +62,17 @@ import numpy as np
 import mixer
 from mixer import MixerError
 
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: run directories are not locked there (see _RunDir)
+    fcntl = None
+
 MOMENTUM = 0.9  # official: optax.sgd(momentum=0.9), i.e. m = g + 0.9 m; p -= lr * m
 CLIP_NORM = 1.0  # official: optax.clip_by_global_norm(1.0)
 STATE_FILE = "state.safetensors"
 STATE_VERSION = 1
+LOCK_FILE = "train.lock"  # locked by the process that runs in RUN_DIR, for as long as it runs
+WEIGHTS_FILES = ("best.safetensors", "last.safetensors")
 
 # Settings of a run; None in train()'s signature means "not given" (so --resume can tell an
 # explicit change from a default). Comments say where a default comes from.
@@ -225,7 +244,15 @@ TRAIN_BACKENDS = {"mlx": MlxBackend, "tinygrad": TinygradBackend}
 def get_backend(name: str | None):
     if name is None:
         env = os.environ.get("MIXER_BACKEND")
-        name = env if env in TRAIN_BACKENDS else "mlx" if mixer._installed("mlx") else "tinygrad"
+        if env in TRAIN_BACKENDS:
+            name = env
+        elif mixer._installed("mlx"):
+            name = "mlx"
+        elif mixer._installed("tinygrad"):
+            name = "tinygrad"
+        else:
+            raise MixerError('training needs MLX or tinygrad, and neither is installed: pip '
+                             'install "mlx[cpu]" (Linux) or mlx (macOS), or pip install tinygrad')
     if name not in TRAIN_BACKENDS:
         raise MixerError(f"cannot train on backend {name!r} (no autograd): use one of "
                          f"{sorted(TRAIN_BACKENDS)}")
@@ -325,8 +352,11 @@ def scan(data_dir: str, val_fraction: float | None, seed: int, pool, say):
     if not os.path.isdir(train_dir):
         raise MixerError(f"{train_dir} not found: expected DATA_DIR/train/<class>/<image> "
                          f"(and optionally DATA_DIR/val/<class>/<image>)")
-    classes = sorted(d for d in os.listdir(train_dir)
-                     if not d.startswith(".") and os.path.isdir(os.path.join(train_dir, d)))
+    classes = _folders(train_dir)
+    for name in classes:
+        if not _is_text(name):
+            raise MixerError(f"{os.path.join(train_dir, name)!r}: a class folder name that is not "
+                             f"valid UTF-8; rename it (folder names become the model's labels)")
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
         raise MixerError(f"{train_dir}: found {found}; a classifier needs at least 2 classes, "
@@ -336,12 +366,15 @@ def scan(data_dir: str, val_fraction: float | None, seed: int, pool, say):
         if val_fraction:
             raise MixerError(f"{data_dir} has a val/ folder: --val-fraction would be ignored; "
                              f"drop it or remove val/")
-        extra = sorted(set(d for d in os.listdir(val_dir) if os.path.isdir(
-            os.path.join(val_dir, d)) and not d.startswith(".")) - set(classes))
+        extra = sorted(set(_folders(val_dir)) - set(classes))
         if extra:
             raise MixerError(f"{val_dir}/{extra[0]} is not a class of {train_dir} "
                              f"({len(extra)} such folders)")
-        return classes, train, _scan_split(val_dir, classes, pool, say, require_all=False)
+        val = _scan_split(val_dir, classes, pool, say, require_all=False)
+        if not val.files:  # found now, not at the first evaluation
+            raise MixerError(f"{val_dir} holds no readable images: add some, or remove val/ "
+                             f"(then --val-fraction of train/ is held out)")
+        return classes, train, val
     fraction = 0.1 if val_fraction is None else val_fraction
     if not 0 <= fraction < 1:
         raise MixerError(f"--val-fraction must be in [0, 1), got {fraction}")
@@ -354,6 +387,9 @@ def scan(data_dir: str, val_fraction: float | None, seed: int, pool, say):
         members = np.flatnonzero(train.labels == c)
         take = min(len(members) - 1, round(fraction * len(members)))
         is_val[rng.permutation(members)[:take]] = True
+    if not is_val.any():
+        say(f"too few images to hold out {fraction:g} of each class: no validation set")
+        return classes, train, None
     pick = lambda mask: Split([f for f, m in zip(train.files, mask) if m],  # noqa: E731
                               train.labels[mask])
     return classes, pick(~is_val), pick(is_val)
@@ -363,7 +399,7 @@ def _scan_split(folder, classes, pool, say, require_all):
     files, labels = [], []
     for c, name in enumerate(classes):
         class_dir = os.path.join(folder, name)
-        names = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
+        names = _listdir(class_dir) if os.path.isdir(class_dir) else []
         paths = [os.path.join(class_dir, n) for n in names if not n.startswith(".")
                  and os.path.isfile(os.path.join(class_dir, n))]
         files += paths
@@ -386,14 +422,53 @@ def _scan_split(folder, classes, pool, say, require_all):
     return Split(files, labels)
 
 
+def _listdir(folder: str) -> list[str]:
+    """The sorted names in `folder`; a folder that cannot be listed is a one-line error."""
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as e:
+        raise MixerError(f"cannot list {folder}: {e.strerror or e} (fix its permissions, or "
+                         f"move it out of DATA_DIR)") from None
+
+
+def _folders(folder: str) -> list[str]:
+    """The sorted sub-folders of `folder`, hidden ones left out."""
+    return [d for d in _listdir(folder)
+            if not d.startswith(".") and os.path.isdir(os.path.join(folder, d))]
+
+
+def _is_text(name: str) -> bool:
+    """False for a file name that is not valid UTF-8 (os.listdir gives it as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _open_regular(path: str):
+    """`path` opened for reading in binary, if it is a regular file; else OSError. Opened
+    non-blocking and checked before anything is read, so that a FIFO or a device that took the
+    place of an image never blocks the run."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _probe(path) -> str | None:
     """Why Pillow cannot open `path` (reading the header only), or None."""
     Image, _ = mixer._import_pil()
     try:
-        with Image.open(path):
+        with _open_regular(path) as f, Image.open(f):
             return None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return str(e) or type(e).__name__
+        return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or \
+            type(e).__name__
 
 
 def inception_crop(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -444,7 +519,7 @@ class Loader:
         Image, ImageOps = mixer._import_pil()
         rng = np.random.default_rng([self.seed, 1, position])
         try:
-            with Image.open(path) as img:
+            with _open_regular(path) as f, Image.open(f) as img:
                 img = mixer._to_rgb(ImageOps.exif_transpose(img))  # same as preprocess
             img = img.resize((self.size, self.size), Image.BICUBIC,
                              box=inception_crop(*img.size, rng))
@@ -543,16 +618,19 @@ def build_model(classes, weights=None, variant=None, image_size=None, keep_head=
         raise MixerError("--weights fixes the architecture: drop --variant and the "
                          "architecture options")
     if weights is None:
-        if variant is not None:
-            config = mixer.VARIANTS[variant]
-        else:
+        image_size = 224 if image_size is None else image_size
+        if variant is None:
             missing = [k for k in ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim",
                                    "channels_mlp_dim") if k not in given]
             if missing:
                 raise MixerError(f"a custom architecture needs --{missing[0].replace('_', '-')} "
                                  f"(or start from --variant)")
-            config = mixer.MixerConfig(**given, image_size=image_size or 224)
-        config = dataclasses.replace(config, **given, num_classes=n, image_size=image_size or 224)
+        fields = {**(dataclasses.asdict(mixer.VARIANTS[variant]) if variant else {}), **given,
+                  "num_classes": n, "image_size": image_size}
+        try:
+            config = mixer.MixerConfig(**fields)
+        except MixerError as e:
+            raise MixerError(f"--image-size {image_size}: {e}") from None
         return config, mixer.init_params(config, seed), None, variant or "random init"
     model = mixer.load(weights, backend="numpy")
     if image_size is not None and image_size != model.config.image_size:
@@ -583,67 +661,319 @@ def save_state(path, trainer: Trainer, info: dict) -> None:
     tensors = {f"params/{k}": v for k, v in trainer.numpy("params").items()}
     tensors.update({f"momentum/{k}": v for k, v in trainer.numpy("momentum").items()})
     mixer.write_safetensors(path, tensors, {"format": "mixer-train-state",
-                                            "train.state": json.dumps(info)})
+                                            "train.state": json.dumps(info, allow_nan=False)})
+
+
+# What --resume reads from the state's JSON, and the settings _run uses: key -> accepted types
+# (int means an int, not a bool; float accepts an int too).
+STATE_KEYS = {"version": int, "step": int, "settings": dict, "classes": list, "config": dict,
+              "preprocessing": (dict, None), "source": str, "best_val_top1": (float, None),
+              "best_step": (int, None), "val_top1": (float, None), "window": dict, "data": dict}
+SETTING_KEYS = {"data_dir": str, "backend": str, "steps": int, "batch_size": int,
+                "accum_steps": int, "lr": float, "warmup": int, "seed": int, "eval_every": int,
+                "log_every": int, "image_size": int, "augment": bool,
+                "val_fraction": (float, None), "workers": (int, None)}
+WINDOW_KEYS = {"loss": float, "grad_norm": float, "n": int}
+DATA_KEYS = {"digest": str, "num_train": int}
+
+
+def _damaged(run_dir: str, problem: str, fix: str | None = None) -> MixerError:
+    """The error for a run directory that --resume cannot use: what is wrong, and what to do."""
+    return MixerError(f"{problem}: the run directory is damaged"
+                      + (f"; {fix} to resume, or" if fix else " and cannot be resumed;")
+                      + f" start a new run from its weights: python train.py DATA_DIR --weights "
+                        f"{os.path.join(run_dir, 'last.safetensors')} --steps N")
+
+
+def _check_keys(what: str, d, types: dict) -> str | None:
+    """Why `d` is not a dict holding `types`' keys with values of those types, or None."""
+    if not isinstance(d, dict):
+        return f"{what} is a {type(d).__name__}, expected a JSON object"
+    for key, kinds in types.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = d.get(key, ...)
+        if value is ...:
+            return f"{what} has no {key!r}"
+        ok = any(value is None if kind is None
+                 else type(value) is int if kind is int
+                 else type(value) in (int, float) and math.isfinite(value) if kind is float
+                 else isinstance(value, kind) for kind in kinds)
+        if not ok:
+            return f"{what}[{key!r}] is {value!r}"
+    return None
 
 
 def load_state(run_dir: str):
-    """-> (info dict, params, momentum) from RUN_DIR/state.safetensors."""
+    """-> (info dict, params, momentum) from RUN_DIR/state.safetensors, checked: a damaged
+    state is a MixerError that says so, never a crash later in the run."""
     path = os.path.join(run_dir, STATE_FILE)
+    if not os.path.isdir(run_dir):
+        raise MixerError(f"--resume {run_dir}: no such run directory")
     if not os.path.exists(path):
         raise MixerError(f"--resume {run_dir}: no {STATE_FILE} there (is it a train.py run "
-                         f"directory?)")
-    tensors, metadata = mixer.read_safetensors(path)
+                         f"directory? one that is still starting has not saved yet)")
+    try:
+        tensors, metadata = mixer.read_safetensors(path)
+    except MixerError as e:
+        raise _damaged(run_dir, str(e)) from None
     try:
         info = json.loads(metadata["train.state"])
     except (KeyError, json.JSONDecodeError):
         raise MixerError(f"{path}: not a train.py state file (no train.state metadata)") from None
-    if info.get("version") != STATE_VERSION:
-        raise MixerError(f"{path}: state version {info.get('version')}, this train.py reads "
+    if isinstance(info, dict) and info.get("version", STATE_VERSION) != STATE_VERSION:
+        raise MixerError(f"{path}: state version {info['version']!r}, this train.py reads "
                          f"{STATE_VERSION}")
-    part = lambda prefix: {k[len(prefix):]: np.array(v) for k, v in tensors.items()  # noqa: E731
-                           if k.startswith(prefix)}
-    return info, part("params/"), part("momentum/")
+    problem = (_check_keys("the state", info, STATE_KEYS)
+               or _check_keys("the state's settings", info["settings"], SETTING_KEYS)
+               or _check_keys("the state's window", info["window"], WINDOW_KEYS)
+               or _check_keys("the state's data", info["data"], DATA_KEYS))
+    if problem is None and info["step"] < 0:
+        problem = f"the state's step is {info['step']}"
+    if problem is None and not (len(info["classes"]) >= 2
+                                and all(isinstance(c, str) for c in info["classes"])):
+        problem = f"the state's classes are {info['classes'][:3]!r}..."
+    if problem:
+        raise _damaged(run_dir, f"{path}: {problem}")
+    try:
+        config = mixer.MixerConfig.from_dict(info["config"])
+        parts = {}
+        for prefix in ("params/", "momentum/"):
+            parts[prefix] = {k[len(prefix):]: np.array(mixer.as_float32(v), np.float32)
+                             for k, v in tensors.items() if k.startswith(prefix)}
+            mixer.check_shapes(config, {k: v.shape for k, v in parts[prefix].items()},
+                               f"{path}: {prefix[:-1]}")
+            bad = next((k for k, v in parts[prefix].items() if not np.isfinite(v).all()), None)
+            if bad is not None:
+                raise MixerError(f"{path}: {prefix}{bad} holds NaN or infinity")
+    except MixerError as e:
+        raise _damaged(run_dir, str(e)) from None
+    return info, parts["params/"], parts["momentum/"]
 
 
 def _digest(data_dir: str, split: Split) -> str:
     h = hashlib.sha256()
     for f, y in zip(split.files, split.labels):
-        h.update(f"{os.path.relpath(f, data_dir)}\t{y}\n".encode())
+        # fsencode: a file name that is not valid UTF-8 comes back to its bytes
+        h.update(os.fsencode(os.path.relpath(f, data_dir)) + f"\t{y}\n".encode())
     return h.hexdigest()[:16]
 
 
 def _append_jsonl(path: str, record: dict) -> None:
-    # One write of one whole line in append mode: a crash leaves whole lines only.
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Appends one record as one line, with one write: a crash leaves whole lines only, and a
+    write that fails (a full disk) is undone, so that the file never holds part of a line.
+    allow_nan=False: the file stays valid JSON (callers keep non-finite numbers out)."""
+    line = (json.dumps(record, allow_nan=False) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise MixerError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):  # a short write: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise MixerError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """On resume, drop the records logged after the saved state (they will be redone)."""
-    if not os.path.exists(path):
+def _truncate_metrics(run_dir: str, path: str, step: int) -> None:
+    """On resume, drop the records logged after the saved state (they will be redone). A line
+    that is not a whole record means the file was damaged: refused, not guessed at."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    except OSError as e:
+        raise _damaged(run_dir, f"cannot read {path}: {e.strerror or e}",
+                       "move it away") from None
+    lines = data.split(b"\n")
+    if lines[-1].strip():
+        raise _damaged(run_dir, f"{path}: line {len(lines)} (the last) is incomplete",
+                       "delete that line")
+    kept = []
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise _damaged(run_dir, f"{path}: line {number} is not a metrics record",
+                           "delete that line")
+        if record["step"] <= step:
+            kept.append(line + b"\n")
     with mixer.atomic_write(path) as f:
-        f.write("".join(kept).encode())
+        f.write(b"".join(kept))
+
+
+class _RunDir:
+    """A run's ownership of its directory, from start to end of the run.
+
+    A new run creates its directory with os.mkdir (a default name that another run took in the
+    same second gets a suffix -2, -3, ...), or takes an existing empty one (--out). Every run,
+    --resume included, then holds an exclusive lock on RUN_DIR/train.lock until it ends, so
+    that a second process on the same directory is refused instead of mixing its files in.
+    The lock is released by the kernel when the process ends however it ends (flock), so a
+    crashed run leaves nothing to clean up by hand. release() leaves no trace of a new run
+    that saved nothing (bad input, Ctrl-C during start-up).
+    """
+
+    def __init__(self, path: str, created: bool, new: bool):
+        self.path, self.created, self.new = path, created, new
+        self.lock = self._lock()
+
+    @classmethod
+    def claim_new(cls, out: str | None) -> "_RunDir":
+        if out is None:
+            base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            _make_parent(base)
+            for n in itertools.count(1):
+                path = base if n == 1 else f"{base}-{n}"
+                if _make_dir(path):
+                    return cls(path, created=True, new=True)
+        path = os.fspath(out)
+        _make_parent(path)
+        if _make_dir(path):
+            return cls(path, created=True, new=True)
+        if not os.path.isdir(path):
+            raise MixerError(f"--out {path} exists and is not a directory: choose another --out")
+        owner = cls(path, created=False, new=True)
+        others = sorted(set(os.listdir(path)) - {LOCK_FILE})
+        if others:  # not ours: leave it as it was
+            owner._unlock(remove=owner.made_lock)
+            if STATE_FILE in others:
+                raise MixerError(f"{path} already holds a run: continue it with --resume {path}, "
+                                 f"or choose another --out")
+            raise MixerError(f"--out {path} is not empty (it holds {others[0]!r}"
+                             f"{' and more' if len(others) > 1 else ''}): choose a new or an "
+                             f"empty folder")
+        return owner
+
+    @classmethod
+    def claim_existing(cls, path: str) -> "_RunDir":
+        return cls(os.fspath(path), created=False, new=False)
+
+    def _lock(self):
+        path = os.path.join(self.path, LOCK_FILE)
+        try:
+            try:
+                f, self.made_lock = open(path, "x+"), True
+            except FileExistsError:  # left by an earlier run, or held by a live one
+                f, self.made_lock = open(path, "a+"), False
+        except OSError as e:
+            raise MixerError(f"cannot write {path}: {e.strerror or e}") from None
+        if fcntl is None:  # no flock on this system (Windows): the directory is not locked
+            return f
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return f  # a filesystem without locks (some network mounts): as on Windows
+            f.close()
+            raise MixerError(f"cannot lock {path}: {e.strerror or e}") from None
+        if locked:
+            # a run that just ended may have removed the file we opened (release()): a lock on
+            # it would keep nobody out
+            mine = os.fstat(f.fileno())
+            try:
+                now = os.stat(path)
+                locked = (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+            except FileNotFoundError:
+                locked = False
+        if not locked:
+            f.seek(0)
+            pid = f.read(20).strip()
+            f.close()
+            raise MixerError(f"{self.path} is in use by another train.py run"
+                             f"{f' (process {pid})' if pid.isdigit() else ''}: wait for it to "
+                             f"end, or choose another directory")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")  # for the message above, in the run that is refused
+        f.flush()
+        return f
+
+    def saved(self) -> bool:
+        return any(os.path.exists(os.path.join(self.path, name))
+                   for name in (STATE_FILE, *WEIGHTS_FILES))
+
+    def release(self) -> None:
+        if self.new and not self.saved():
+            # the run saved nothing to use or resume: what it wrote goes, and the folder if it
+            # made it (the folder was empty when the run took it)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.path, "metrics.jsonl"))
+            self._unlock(remove=True)
+            if self.created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.path)
+        else:
+            self._unlock(remove=False)
+
+    def _unlock(self, remove: bool) -> None:
+        if remove:  # while still locked: see the inode check in _lock
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.path, LOCK_FILE))
+        self.lock.close()
+
+
+def _make_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder should be
+        raise MixerError(f"cannot create the run directory {path}: {parent} is not a "
+                         f"directory") from None
+    except OSError as e:
+        raise MixerError(f"cannot create the run directory {path}: {e.strerror or e}") from None
+
+
+def _make_dir(path: str) -> bool:
+    """Creates `path` -> True, or False if something is there already."""
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise MixerError(f"cannot create the run directory {path}: {e.strerror or e}") from None
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM during training: the first finishes the current step, saves and stops;
-    a second one aborts at once (the last saved state stays)."""
+    """SIGINT, SIGTERM and SIGHUP while train() runs.
+
+    Before training starts (imports, scanning, loading) a signal stops at once: Ctrl-C raises
+    KeyboardInterrupt, SIGTERM/SIGHUP mixer.Terminated (there is nothing to save yet). Once
+    training runs, the first one only sets `requested`: the loop finishes its step, saves and
+    stops. Any later one, up to the end of train(), raises KeyboardInterrupt at once: the last
+    saved state stays, and mixer.run_main makes it exit status 130.
+    """
 
     def __enter__(self):
-        self.requested, self.old = False, {}
+        self.training = self.requested = False
+        self.old = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.old[sig] = signal.signal(sig, self._handle)
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self.old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.training and not self.requested:
+            self.requested = True
+        elif self.requested or signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        else:
+            raise mixer.Terminated(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
@@ -710,57 +1040,66 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
     for k in ("data_dir", "weights"):  # absolute, so that --resume works from anywhere
         if k in given:
             given[k] = os.path.abspath(given[k])
-    if resume:
-        info, params, momentum = load_state(resume)
-        settings = info["settings"]
-        for k, v in given.items():
-            if k not in RESUME_MAY_CHANGE and k != "augment" and v != settings.get(k):
-                raise MixerError(f"--resume continues the saved run: its {k} is "
-                                 f"{settings.get(k)!r}, not {v!r} (start a new run with "
-                                 f"--weights {os.path.join(resume, 'last.safetensors')} "
-                                 f"to change it)")
-        if given["augment"] is False and settings["augment"]:
-            raise MixerError("--resume continues the saved run, which uses augmentation")
-        settings.update({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE})
-        run_dir = os.fspath(resume)
-    else:
-        settings = {**DEFAULTS, **given}
+    if resume and out:
+        raise MixerError("--resume continues the run in its own directory: drop --out")
+    if not resume:
         if data_dir is None:
             raise MixerError("give DATA_DIR (holding train/<class>/<image>) or --resume RUN_DIR")
         if (steps is None) == (epochs is None):
             raise MixerError("give one of --steps N or --epochs N")
-        run_dir = os.fspath(out) if out else _new_run_dir()
-        if os.path.exists(os.path.join(run_dir, STATE_FILE)):
-            raise MixerError(f"{run_dir} already holds a run: continue it with --resume "
-                             f"{run_dir}, or choose another --out")
-    for k in ("batch_size", "accum_steps", "steps", "log_every", "eval_every", "workers"):
+    _check_values(given)
+    with _StopRequest() as stop, contextlib.ExitStack() as cleanup:
+        if resume:
+            run_dir = os.fspath(resume)
+            info, params, momentum = load_state(run_dir)
+            settings = info["settings"]
+            for k, v in given.items():
+                if k not in RESUME_MAY_CHANGE and k != "augment" and v != settings.get(k):
+                    raise MixerError(f"--resume continues the saved run: its {k} is "
+                                     f"{settings.get(k)!r}, not {v!r} (start a new run with "
+                                     f"--weights {os.path.join(run_dir, 'last.safetensors')} "
+                                     f"to change it)")
+            if given["augment"] is False and settings["augment"]:
+                raise MixerError("--resume continues the saved run, which uses augmentation")
+            settings.update({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE})
+            _check_values(settings)
+        else:
+            settings = {**DEFAULTS, **given}
+
+        xp = get_backend(settings["backend"])
+        settings["backend"] = xp.name
+        # Only rank 0 writes, so only rank 0 owns the directory. A --resume read the state
+        # before taking the lock (the backend, which says the rank, is a saved setting): if a
+        # run that held the directory ended meanwhile, what was read is a complete earlier
+        # state (states are replaced atomically), which resumes to the same result.
+        if xp.rank == 0:
+            owner = _RunDir.claim_existing(run_dir) if resume else _RunDir.claim_new(out)
+            cleanup.callback(owner.release)
+            run_dir = owner.path
+        elif not resume:  # the other ranks write nothing; the name is only for messages
+            run_dir = os.fspath(out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+        console = Console(enabled=xp.rank == 0 and not quiet)
+        pool = concurrent.futures.ThreadPoolExecutor(settings["workers"] or min(8, os.cpu_count()))
+        cleanup.callback(pool.shutdown, wait=True, cancel_futures=True)
+        return _run(xp, settings, run_dir, info if resume else None,
+                    (params, momentum) if resume else None, stop_after, console, pool, stop)
+
+
+def _check_values(settings: dict) -> None:
+    """Refuses settings out of range, in the words of the command line."""
+    for k in ("batch_size", "accum_steps", "steps", "log_every", "eval_every", "workers",
+              "image_size", "patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim",
+              "channels_mlp_dim"):
         if settings.get(k) is not None and settings[k] < 1:
             raise MixerError(f"--{k.replace('_', '-')} must be at least 1, got {settings[k]}")
     for k in ("lr", "epochs"):
-        if settings.get(k) is not None and not settings[k] > 0:
-            raise MixerError(f"--{k} must be positive, got {settings[k]}")
-
-    xp = get_backend(settings["backend"])
-    settings["backend"] = xp.name
-    console = Console(enabled=xp.rank == 0 and not quiet)
-    pool = concurrent.futures.ThreadPoolExecutor(settings["workers"] or min(8, os.cpu_count()))
-    try:
-        return _run(xp, settings, run_dir, info if resume else None,
-                    (params, momentum) if resume else None, stop_after, console, pool)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
+            raise MixerError(f"--{k} must be a finite positive number, got {settings[k]}")
+    if settings.get("warmup") is not None and settings["warmup"] < 0:
+        raise MixerError(f"--warmup must be at least 0, got {settings['warmup']}")
 
 
-def _new_run_dir() -> str:
-    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    run_dir, n = base, 1
-    while os.path.exists(run_dir):
-        n += 1
-        run_dir = f"{base}-{n}"
-    return run_dir
-
-
-def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool) -> TrainResult:
+def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) -> TrainResult:
     say = console.say
     classes, train_split, val_split = scan(s["data_dir"], s["val_fraction"], s["seed"], pool,
                                            say)
@@ -787,8 +1126,6 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool) -> Train
         preprocessing, source = info["preprocessing"], info["source"]
         start, best, best_step = info["step"], info["best_val_top1"], info["best_step"]
     steps, batch_size, accum = s["steps"], s["batch_size"], s["accum_steps"]
-    if s["warmup"] < 0:
-        raise MixerError(f"--warmup must be at least 0, got {s['warmup']}")
     if batch_size % (accum * xp.size):
         raise MixerError(f"--batch-size {batch_size} must be a multiple of --accum-steps {accum}"
                          f" x {xp.size} process{'es' * (xp.size > 1)}")
@@ -796,8 +1133,7 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool) -> Train
     resize = (preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if xp.rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(run_dir, metrics_path, start)
 
     trainer = Trainer(xp, config, params, momentum, accum)
     loader = Loader(train_split, len(classes), config.image_size, resize, s["augment"], s["seed"],
@@ -810,7 +1146,7 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool) -> Train
         f"{batch_size} images ({steps * batch_size / len(train_split.files):.1f} epochs), "
         f"lr {s['lr']}, warmup {s['warmup']}; writing {run_dir}")
     if val_split is None:
-        say("no validation set (val_fraction 0): best.safetensors will not be written")
+        say("no validation set: best.safetensors will not be written")
 
     def model_now():
         return mixer.Mixer(config, trainer.numpy("params"), backend="numpy", labels=classes,
@@ -840,63 +1176,77 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool) -> Train
     window = info["window"] if info else {"loss": 0.0, "grad_norm": 0.0, "n": 0}
     timed = {"time": 0.0, "n": 0}
     batches = loader.batches(start + 1, batch_size, xp.rank, xp.size)
-    with _StopRequest() as stop:
-        while step < steps:
-            t0 = time.perf_counter()
-            x, onehot = next(batches)
-            for i in range(accum):
-                trainer.accumulate(x[i * micro:(i + 1) * micro], onehot[i * micro:(i + 1) * micro])
-            lr = get_lr(step + 1, s["lr"], s["warmup"], steps)
-            loss, grad_norm = trainer.update(lr)
-            step += 1
-            if not math.isfinite(loss):
-                raise MixerError(f"the loss is {loss} at step {step}: lower --lr (the last saved "
-                                 f"state is before the divergence)")
-            window["loss"] += loss
-            window["grad_norm"] += grad_norm
-            window["n"] += 1
-            timed["time"] += time.perf_counter() - t0
-            timed["n"] += 1
-            record = None
-            evaluate_now = step % s["eval_every"] == 0 or step == steps
-            if step % s["log_every"] == 0 or evaluate_now:
-                per_step = timed["time"] / timed["n"]
-                record = {"step": step, "lr": lr, "loss": window["loss"] / window["n"],
-                          "grad_norm": window["grad_norm"] / window["n"],
-                          "images_per_s": batch_size / per_step}
-                window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
-                timed = {"time": 0.0, "n": 0}
-            if evaluate_now and val_split is not None:
-                val_top1 = evaluate(trainer, val_split, config.image_size, resize, micro, pool)
-                record["val_top1"] = val_top1
-                if best is None or val_top1 > best:
-                    best, best_step = val_top1, step
-                    if xp.rank == 0:
-                        model_now().save(os.path.join(run_dir, "best.safetensors"),
-                                         source=f"train.py: {source} trained on "
-                                                f"{s['data_dir']}, step {step}, val top-1 "
-                                                f"{val_top1:.4f}")
-            if record is not None and xp.rank == 0:
-                _append_jsonl(metrics_path, record)
-                line = (f"step {step}/{steps}  loss {record['loss']:.4f}  lr {lr:.4g}  "
-                        f"{record['images_per_s']:.1f} img/s  ETA "
-                        f"{_format_time(per_step * (steps - step))}"
-                        + (f"  val top-1 {val_top1:.2%}" if "val_top1" in record else ""))
-                console.progress(line, keep="val_top1" in record)
-            requested = stop.requested or step == stop_after
-            if xp.size > 1:  # every rank must stop after the same step
-                requested = xp.sum_over_ranks(float(requested)) > 0
-            if evaluate_now or requested:
-                checkpoint(step)
-            if requested and step < steps:
-                interrupted = True
-                say(f"stopped after step {step}; continue with: python train.py --resume "
-                    f"{run_dir}")
-                break
-    if not interrupted:
-        say(f"done: {step} steps" + (f", val top-1 {val_top1:.2%} (best {best:.2%} at step "
-                                    f"{best_step}) in {run_dir}/best.safetensors"
-                                    if val_top1 is not None else f", weights in {run_dir}"))
+    stop.training = True
+    while step < steps:
+        t0 = time.perf_counter()
+        x, onehot = next(batches)
+        for i in range(accum):
+            trainer.accumulate(x[i * micro:(i + 1) * micro], onehot[i * micro:(i + 1) * micro])
+        lr = get_lr(step + 1, s["lr"], s["warmup"], steps)
+        loss, grad_norm = trainer.update(lr)
+        step += 1
+        # A non-finite gradient norm makes the parameters NaN (clipping divides by it): the
+        # run has diverged as surely as with a non-finite loss, and metrics.jsonl stays JSON.
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise MixerError(f"the training diverged at step {step} (loss {loss}, gradient norm "
+                             f"{grad_norm}): start again with a lower --lr")
+        window["loss"] += loss
+        window["grad_norm"] += grad_norm
+        window["n"] += 1
+        timed["time"] += time.perf_counter() - t0
+        timed["n"] += 1
+        per_step = max(timed["time"] / timed["n"], 1e-9)
+        shown = {"loss": window["loss"] / window["n"], "images_per_s": batch_size / per_step}
+        record = None
+        evaluate_now = step % s["eval_every"] == 0 or step == steps
+        if step % s["log_every"] == 0 or evaluate_now:
+            record = {"step": step, "lr": lr, "loss": shown["loss"],
+                      "grad_norm": window["grad_norm"] / window["n"],
+                      "images_per_s": shown["images_per_s"]}
+            window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+            timed = {"time": 0.0, "n": 0}
+        if evaluate_now and val_split is not None:
+            val_top1 = evaluate(trainer, val_split, config.image_size, resize, micro, pool)
+            record["val_top1"] = val_top1
+            if best is None or val_top1 > best:
+                best, best_step = val_top1, step
+                if xp.rank == 0:
+                    model_now().save(os.path.join(run_dir, "best.safetensors"),
+                                     source=f"train.py: {source} trained on {s['data_dir']}, "
+                                            f"step {step}, val top-1 {val_top1:.4f}")
+        if record is not None and xp.rank == 0:
+            _append_jsonl(metrics_path, record)
+        # progress from the first step of the process on (a CPU may take minutes per step),
+        # then at every record; metrics.jsonl keeps its --log-every schedule
+        if record is not None or step == start + 1:
+            console.progress(f"step {step}/{steps}  loss {shown['loss']:.4f}  lr {lr:.4g}  "
+                             f"{shown['images_per_s']:.1f} img/s  ETA "
+                             f"{_format_time(per_step * (steps - step))}"
+                             + (f"  val top-1 {val_top1:.2%}" if evaluate_now and val_split
+                                is not None else ""),
+                             keep=evaluate_now and val_split is not None)
+        requested = stop.requested or step == stop_after
+        if xp.size > 1:  # every rank must stop after the same step
+            requested = xp.sum_over_ranks(float(requested)) > 0
+        if evaluate_now or requested:
+            checkpoint(step)
+        if requested and step < steps:
+            interrupted = True
+            break
+    stop.training = False
+    # name the weights file that exists: best.safetensors only after an evaluation
+    last = os.path.join(run_dir, "last.safetensors")
+    best_file = os.path.join(run_dir, "best.safetensors")
+    if interrupted:
+        say(f"stopped after step {step}: python mixer.py IMAGE --weights {last}"
+            + (f" (or {best_file}: val top-1 {best:.2%} at step {best_step})"
+               if best is not None else "")
+            + f"; continue with: python train.py --resume {run_dir}")
+    elif best is not None:
+        say(f"done: {step} steps, val top-1 {val_top1:.2%} (best {best:.2%} at step "
+            f"{best_step}): python mixer.py IMAGE --weights {best_file}")
+    else:
+        say(f"done: {step} steps: python mixer.py IMAGE --weights {last}")
     return TrainResult(run_dir, step, steps, interrupted, val_top1, best, model_now())
 
 
@@ -977,16 +1327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = train(**vars(args))
-    except MixerError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train: interrupted (the last checkpoint in the run directory can be resumed)",
-              file=sys.stderr)
-        return 130
-    return 130 if result.interrupted else 0
+
+    def body():
+        return 130 if train(**vars(args)).interrupted else 0
+    return mixer.run_main("train", body)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,8 @@ def test_finetune_reaches_90_percent(finetuned, dataset):
 def test_run_dir_outputs(finetuned, dataset):
     _, result, log = finetuned
     assert sorted(os.listdir(result.run_dir)) == ["best.safetensors", "last.safetensors",
-                                                  "metrics.jsonl", "state.safetensors"]
+                                                  "metrics.jsonl", "state.safetensors",
+                                                  "train.lock"]
     records = read_metrics(result.run_dir)
     assert [r["step"] for r in records] == list(range(5, 41, 5))
     for r in records:
@@ -446,7 +447,8 @@ def test_two_mlx_processes_match_one(dataset, tmp_path):
     assert reports[0]["val_top1"] == reports[1]["val_top1"] == single.val_top1
     # only rank 0 wrote the run directory, with the usual files
     assert sorted(os.listdir(tmp_path / "dist")) == ["best.safetensors", "last.safetensors",
-                                                      "metrics.jsonl", "state.safetensors"]
+                                                      "metrics.jsonl", "state.safetensors",
+                                                      "train.lock"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,7 +565,7 @@ def test_bad_datasets_exit_2(tmp_path, capsys, case, message):
     (["--steps", "2", "--batch-size", "10", "--accum-steps", "3"],
      "--batch-size 10 must be a multiple of --accum-steps 3 x 1 process"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--steps", "2", "--lr", "-1"], "--lr must be positive"),
+    (["--steps", "2", "--lr", "-1"], "--lr must be a finite positive number"),
     (["--steps", "2", "--warmup", "-1"], "--warmup must be at least 0"),
     (["--steps", "2", "--image-size", "48"], "--image-size 48: at_resolution needs an integer"),
     (["--steps", "2", "--variant", "S/32"], "--weights fixes the architecture"),
