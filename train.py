@@ -52,7 +52,6 @@ import json
 import math
 import os
 import signal
-import stat
 import sys
 import threading
 import time
@@ -446,26 +445,14 @@ def _is_text(name: str) -> bool:
         return False
 
 
-def _open_regular(path: str):
-    """`path` opened for reading in binary, if it is a regular file; else OSError. Opened
-    non-blocking and checked before anything is read, so that a FIFO or a device that took the
-    place of an image never blocks the run."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _probe(path) -> str | None:
     """Why Pillow cannot open `path` (reading the header only), or None."""
     Image, _ = mixer._import_pil()
     try:
-        with _open_regular(path) as f, Image.open(f):
+        with mixer._open_regular(path, what="an image") as f, Image.open(f):
             return None
+    except MixerError as e:  # not a regular file (a FIFO would block), or gone
+        return str(e).removeprefix(f"{path}: ")  # the caller names the file
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or \
             type(e).__name__
@@ -519,14 +506,14 @@ class Loader:
         Image, ImageOps = mixer._import_pil()
         rng = np.random.default_rng([self.seed, 1, position])
         try:
-            with _open_regular(path) as f, Image.open(f) as img:
+            with mixer._open_regular(path, what="an image") as f, Image.open(f) as img:
                 img = mixer._to_rgb(ImageOps.exif_transpose(img))  # same as preprocess
             img = img.resize((self.size, self.size), Image.BICUBIC,
                              box=inception_crop(*img.size, rng))
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except (MixerError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return None
 
     def batches(self, first_step: int, batch_size: int, rank: int, size: int, depth: int = 2):

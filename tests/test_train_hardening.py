@@ -411,7 +411,8 @@ def test_fifos_are_never_opened(tmp_path):
     thread.join(timeout=20)
     assert not thread.is_alive(), "blocked on the FIFO"
     assert fifo not in found["split"].files and len(found["split"].files) == 8
-    assert found["probe"] == "not a regular file" and found["decode"] is None
+    assert found["probe"] == "is not a regular file (a pipe or a device), not an image"
+    assert found["decode"] is None
 
 
 @pytest.mark.parametrize("case, message", [
