@@ -56,10 +56,20 @@ import sys
 import threading
 import time
 
-import numpy as np
+if __name__ == "__main__":
+    def _interrupted_while_starting(kind, value, tb, report=sys.excepthook):
+        """Ctrl-C while numpy, mixer and a backend are imported (before run_main's handling
+        begins): one line and status 130, as at any later moment."""
+        if issubclass(kind, KeyboardInterrupt):
+            print("train: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+        report(kind, value, tb)
+    sys.excepthook = _interrupted_while_starting
 
-import mixer
-from mixer import MixerError
+import numpy as np  # noqa: E402 -- after the start-up handler above
+
+import mixer  # noqa: E402
+from mixer import MixerError  # noqa: E402
 
 try:
     import fcntl
