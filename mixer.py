@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -1548,6 +1549,12 @@ WEIGHTS_URL = "https://storage.googleapis.com/mixer_models/"  # MIXER_WEIGHTS_UR
 # one name per line in class order.
 LABEL_SETS = {"imagenet1k": 1000, "imagenet21k": 21843}
 DOWNLOAD_ATTEMPTS = 3  # a dropped connection is retried (resumed) this many times in all
+# What ends a download that is not going to finish (each one an argument of download()):
+DOWNLOAD_STALL = 30.0  # seconds without a byte: the attempt fails (and is retried)
+DOWNLOAD_MIN_RATE = (64 * 1024, 60.0)  # fewer bytes in that many seconds: too slow (retried)
+DOWNLOAD_DEADLINE = 3600.0  # seconds for a whole download, retries included (a fixed limit,
+# not one derived from the size at the minimum rate, which would allow 65 hours for B/16);
+# MIXER_DOWNLOAD_TIMEOUT overrides it. At the deadline L/16's 876 MiB need 250 KiB/s.
 
 
 def labels_dirs() -> list[str]:
@@ -1767,115 +1774,289 @@ def cache_path(checkpoint: str) -> str:
     return os.path.join(cache_dir(), stem.replace("/", "-") + ".safetensors")
 
 
+def weights_url() -> str:
+    """Where the released files are: MIXER_WEIGHTS_URL when set and not empty (a mirror, or a
+    file:// folder laid out like the release), else WEIGHTS_URL."""
+    url = os.environ.get("MIXER_WEIGHTS_URL") or WEIGHTS_URL
+    if not _is_download_url(url):
+        raise MixerError(f"MIXER_WEIGHTS_URL={_printable(url)!r} is not an http://, https:// or "
+                         f"file:// URL: set it to a copy of the release laid out like "
+                         f"{WEIGHTS_URL}, or unset it")
+    return url
+
+
+def download_deadline() -> float:
+    """Seconds a whole download may take: MIXER_DOWNLOAD_TIMEOUT when set, else
+    DOWNLOAD_DEADLINE."""
+    value = os.environ.get("MIXER_DOWNLOAD_TIMEOUT") or ""
+    if not value:
+        return DOWNLOAD_DEADLINE
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise MixerError(f"MIXER_DOWNLOAD_TIMEOUT={_printable(value)!r}: expected a number of "
+                         f"seconds above 0 (the limit for a whole download; default "
+                         f"{DOWNLOAD_DEADLINE:.0f})")
+    return seconds
+
+
 def pretrained(variant: str, source: str | None = None, backend: str | None = None,
                progress=None, dtype: str = "float32") -> Mixer:
     """The official checkpoint of a variant (see OFFICIAL_CHECKPOINTS), downloaded, checked and
     converted on first use, then loaded from cache_path() with no network access.
 
-    progress(done, total) is called as the download proceeds (see download).
+    The cached file must hold what was asked for: the variant's architecture and head (21843
+    classes for imagenet21k, else 1000) and, when its metadata names its source, the released
+    file (or a file of that name converted from elsewhere). Anything else is an error that says
+    to delete it. progress(done, total) is called as the download proceeds (see download).
     """
     checkpoint = official_checkpoint(variant, source)
     get_ops(backend, dtype)  # an unusable backend or dtype fails here, before any download
     path = cache_path(checkpoint)
     if not os.path.exists(path):
         _download_official(variant, checkpoint, path, progress)
+    elif not os.path.isfile(path):  # reading a FIFO would wait for ever, a folder cannot be read
+        raise MixerError(f"{path}, the cache of {checkpoint}, is not a regular file: delete it "
+                         f"to download {checkpoint} again")
     try:
+        found_source = read_safetensors(path)[1].get("mixer.source")
         model = load(path, backend=backend, dtype=dtype)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
+    # A file put here by hand, or by another version, must not answer for this variant. It is
+    # refused rather than replaced: it may be someone's own work, and replacing it needs a
+    # download that may not be possible (offline) or wanted (hundreds of MiB).
+    expected = _expected_config(variant, checkpoint)
+    if model.config != expected or \
+            found_source not in (None, checkpoint, os.path.basename(checkpoint)):
+        held = _describe(model.config) + (f" converted from {found_source!r}"
+                                          if found_source else "")
+        raise MixerError(f"{path} holds {held}, not {_describe(expected)} from {checkpoint}: it "
+                         f"is not the cached download of Mixer-{variant}; delete it to download "
+                         f"{checkpoint} again (or set MIXER_HOME to another folder)")
     if model.labels is None:  # converted where the label files were missing; they may be here now
         model.labels = find_labels("auto", model.config.num_classes)
     return model
 
 
+def _expected_config(variant: str, checkpoint: str) -> MixerConfig:
+    """The architecture a released file has: the variant's, with ImageNet-21k's 21843-way head
+    for the imagenet21k files, else ImageNet-1k's 1000."""
+    classes = LABEL_SETS["imagenet21k" if checkpoint.startswith("imagenet21k/") else "imagenet1k"]
+    return dataclasses.replace(VARIANTS[variant], num_classes=classes)
+
+
+def _describe(config: MixerConfig) -> str:
+    name = f"Mixer-{config.variant}" if config.variant else f"a custom Mixer {config.to_dict()}"
+    return f"{name} with {config.num_classes} classes" if config.num_classes else \
+        f"{name} without a head"
+
+
 def _download_official(variant, checkpoint, path, progress):
-    url = os.environ.get("MIXER_WEIGHTS_URL", WEIGHTS_URL).rstrip("/") + "/" + checkpoint
+    url = weights_url().rstrip("/") + "/" + checkpoint
+    expected = _expected_config(variant, checkpoint)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        # The raw .npz lives in a private temporary folder beside the cache (same disk, and
-        # gone afterwards whatever happens); only the converted file is kept.
-        scratch = tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-")
+        # The raw .npz lives in a private folder beside the cache (same disk); only the converted
+        # file is kept. Its name follows atomic_write's temporaries (.tmp-<pid>-...) so that when
+        # this process is killed outright (SIGKILL) a later writer here reclaims it.
+        scratch = tempfile.mkdtemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix="-download")
     except OSError as e:
         raise MixerError(f"cannot write to the weights cache {folder}: {e.strerror or e} "
                          f"(set MIXER_HOME to a writable folder)") from None
-    with scratch as tmp:
-        npz = os.path.join(tmp, os.path.basename(checkpoint))
+    try:
+        npz = os.path.join(scratch, os.path.basename(checkpoint))
+        # A released file is the float32 arrays plus small zip and .npy headers: twice that
+        # (room for a float64 copy) bounds what a misbehaving server can make us store.
+        floats = sum(math.prod(shape) for shape in param_shapes(expected).values())
         try:
-            download(url, npz, progress=progress)
+            download(url, npz, progress=progress, max_size=8 * floats + 2**20)
         except MixerError as e:
-            raise MixerError(f"{e}. To use a copy of {checkpoint} fetched elsewhere, run "
-                             f"`python convert.py {os.path.basename(checkpoint)} {path}` (this "
-                             f"cache), or pass a converted file with --weights") from None
+            raise MixerError(f"{e}. {_offline_hint(checkpoint, path)}") from None
         model = load_npz(npz, backend="numpy", labels="auto", name=url)
-        expected = dataclasses.replace(VARIANTS[variant], num_classes=(
-            LABEL_SETS["imagenet21k"] if checkpoint.startswith("imagenet21k/") else 1000))
         if model.config != expected:
-            found = (f"Mixer-{model.config.variant}" if model.config.variant else
-                     f"a custom Mixer {model.config.to_dict()}")
-            raise MixerError(f"{url} holds {found} with {model.config.num_classes} classes, not "
-                             f"the expected Mixer-{variant} with {expected.num_classes}; "
-                             f"refusing to cache it")
+            raise MixerError(f"{url} holds {_describe(model.config)}, not the expected "
+                             f"{_describe(expected)}; refusing to cache it")
         model.save(path, source=checkpoint)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _offline_hint(checkpoint: str, path: str) -> str:
+    """How to use a copy of a released file fetched elsewhere, in commands that exist here."""
+    name = os.path.basename(checkpoint)
+    hint = f"To use a copy of {checkpoint} fetched elsewhere, pass it as --weights {name}"
+    command = _convert_command()
+    if command:
+        hint += f", or convert it once into this cache: {command} {name} {path}"
+    return hint
+
+
+def _convert_command() -> str | None:
+    """The converter as the user can run it: `mixer-convert` where pip installed it, else
+    convert.py beside this file; None for a lone copy of mixer.py."""
+    if shutil.which("mixer-convert"):
+        return "mixer-convert"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert.py")
+    if not os.path.isfile(script):
+        return None
+    return "python " + ("convert.py" if os.path.dirname(script) == os.getcwd() else script)
 
 
 def download(url: str, path: str, progress=None, attempts: int = DOWNLOAD_ATTEMPTS,
-             timeout: float = 60.0) -> None:
-    """Fetches url into path, atomically: path appears only when the transfer is complete (its
-    size checked against Content-Length), never partly written.
+             timeout: float = DOWNLOAD_STALL, min_rate: tuple[int, float] = DOWNLOAD_MIN_RATE,
+             deadline: float | None = None, max_size: int | None = None) -> None:
+    """Fetches url (http://, https:// or file://) into path, atomically: path appears only when
+    the transfer is complete (its size checked against Content-Length), never partly written.
 
     A connection that drops mid-transfer is retried, resuming with an HTTP Range request where
     the server supports it (else from the start); after `attempts` failures, or on an HTTP
     error such as 404, the partial file is deleted. Standard library only (urllib).
+
+    Limits, so that no server keeps the caller waiting for ever: an attempt fails (and is
+    retried) when no byte arrives for `timeout` seconds, or when fewer than min_rate[0] bytes
+    arrive in min_rate[1] seconds; the whole download, retries included, fails once it has
+    taken `deadline` seconds (None: download_deadline()). The limits are checked as data
+    arrives, so each holds to within `timeout` seconds. A file larger than max_size bytes
+    (announced or received) is refused.
     progress(done, total) is called as bytes arrive; total is None when the server sends no size.
     """
+    if not _is_download_url(url):
+        raise MixerError(f"cannot download {_printable(url)!r}: expected an http://, https:// or "
+                         f"file:// URL")
+    limit = download_deadline() if deadline is None else deadline
+    ends = time.monotonic() + limit
     with atomic_write(path) as f:
-        for attempt in range(1, attempts + 1):
-            try:
-                done, total = _fetch(url, f, progress, timeout)
-                if total is None or done == total:
-                    return
-                problem = f"the connection closed after {done} of {total} bytes"
-            except urllib.error.HTTPError as e:
-                if e.code == 416:  # our Range was refused: start again from byte 0
-                    f.seek(0)
-                    f.truncate()
-                elif e.code < 500 and e.code not in (408, 429):  # retrying will not help
-                    raise MixerError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
-                problem = f"HTTP {e.code} {e.reason}"
-            except urllib.error.URLError as e:  # no connection at all: offline, DNS, refused
-                raise MixerError(f"cannot download {url}: {e.reason}") from None
-            except (OSError, http.client.HTTPException) as e:  # dropped or stalled mid-transfer
-                problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            if attempt < attempts:
-                time.sleep(0.5 * attempt)
+        try:
+            for attempt in range(1, attempts + 1):
+                try:
+                    done, total = _fetch(url, f, progress, timeout, min_rate, ends, max_size)
+                    if total is None or done == total:
+                        return
+                    problem = f"the connection closed after {done} of {total} bytes"
+                except urllib.error.HTTPError as e:
+                    if e.code == 416:  # our Range was refused: start again from byte 0
+                        f.seek(0)
+                        f.truncate()
+                    elif e.code < 500 and e.code not in (408, 429):  # retrying will not help
+                        raise MixerError(f"cannot download {url}: HTTP {e.code} "
+                                         f"{_printable(e.reason)}") from None
+                    problem = f"HTTP {e.code} {_printable(e.reason)}"
+                except urllib.error.URLError as e:  # no connection at all: offline, DNS, refused
+                    raise MixerError(f"cannot download {url}: {_printable(e.reason)}") from None
+                except TimeoutError as e:  # a stall or a trickle, in _fetch's words
+                    problem = str(e)
+                except (OSError, http.client.HTTPException) as e:  # dropped mid-transfer
+                    problem = _printable(f"{type(e).__name__}: {e}" if str(e)
+                                         else type(e).__name__)
+                if attempt < attempts:
+                    time.sleep(min(0.5 * attempt, max(0.0, ends - time.monotonic())))
+        except _OutOfTime:
+            raise MixerError(f"cannot download {url}: not complete after {limit:g} s, the limit "
+                             f"for a download ({f.tell()} bytes received); set "
+                             f"MIXER_DOWNLOAD_TIMEOUT to the seconds to allow") from None
         raise MixerError(f"cannot download {url}: {problem} (tried {attempts} times)")
 
 
-def _fetch(url, f, progress, timeout):
-    """One GET that appends to f from f.tell(): returns (bytes in f, expected total or None)."""
+class _OutOfTime(Exception):
+    """download()'s deadline passed."""
+
+
+class _TooSlow(TimeoutError):
+    """Data arrives, but too slowly for download()'s minimum rate."""
+
+
+def _fetch(url, f, progress, timeout, min_rate, ends, max_size):
+    """One GET that appends to f from f.tell(): returns (bytes in f, expected total or None).
+
+    Raises TimeoutError for a stall (no byte for `timeout` s), _TooSlow for a trickle (fewer
+    than min_rate[0] bytes in min_rate[1] s), _OutOfTime once time.monotonic() passes `ends`.
+    """
     done = f.tell()
     headers = {"User-Agent": f"mlp-mixer (mixer.py format {FORMAT_VERSION})"}
     if done:
         headers["Range"] = f"bytes={done}-"
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                timeout=timeout) as response:
-        content_range = response.headers.get("Content-Range", "")
-        if done and not (response.status == 206
-                         and content_range.startswith(f"bytes {done}-")):
-            f.seek(0)  # the server sent the whole file (or another range): start again
-            f.truncate()
-            done = 0
-        length = response.headers.get("Content-Length", "")
-        total = done + int(length) if length.isdigit() else None
-        if progress:
-            progress(done, total)
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            done += len(chunk)
+    start = time.monotonic()
+    if start >= ends:
+        raise _OutOfTime
+    min_bytes, window = min_rate
+    # (time, bytes) marks at least window/60 apart; the first at or before now - window shows
+    # whether the last window brought min_bytes.
+    marks = [(start, done)]
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=min(timeout, ends - start)) as response:
+            content_range = response.headers.get("Content-Range", "")
+            if done and not (response.status == 206
+                             and content_range.startswith(f"bytes {done}-")):
+                f.seek(0)  # the server sent the whole file (or another range): start again
+                f.truncate()
+                done = 0
+            length = response.headers.get("Content-Length", "")
+            total = done + int(length) if length.isdigit() else None
+            if max_size is not None and total is not None and total > max_size:
+                raise MixerError(f"cannot download {url}: the server announces {total} bytes, "
+                                 f"more than the {max_size} that the file can be")
             if progress:
                 progress(done, total)
+            # read1: whatever has arrived, so that a trickle cannot hold one call for long
+            while chunk := response.read1(1 << 20):
+                _save(f, chunk, url)
+                done += len(chunk)
+                if max_size is not None and done > max_size:
+                    raise MixerError(f"cannot download {url}: more than {max_size} bytes "
+                                     f"received, more than the file can be")
+                if progress:
+                    progress(done, total)
+                now = time.monotonic()
+                if now >= ends:
+                    raise _OutOfTime
+                if now - marks[-1][0] >= window / 60:
+                    marks.append((now, done))
+                while len(marks) > 1 and marks[1][0] <= now - window:
+                    del marks[0]
+                if marks[0][0] <= now - window and done - marks[0][1] < min_bytes:
+                    raise _TooSlow(f"less than {_size(min_bytes)} arrived in {window:g} s")
+    except _TooSlow:
+        raise
+    except TimeoutError:  # the socket's: nothing arrived for the whole timeout
+        if time.monotonic() >= ends:
+            raise _OutOfTime from None
+        raise TimeoutError(f"no data for {min(timeout, ends - start):g} s") from None
     return done, total
+
+
+def _save(f, chunk, url):
+    """Appends a downloaded chunk; a full or failing disk is not a network problem to retry."""
+    try:
+        f.write(chunk)
+    except OSError as e:
+        raise MixerError(f"cannot save the download of {url}: {e.strerror or e}") from None
+
+
+def _is_download_url(url: str) -> bool:
+    """An http(s):// URL with a host and a valid port, or a file:// URL."""
+    if not isinstance(url, str) or any(c.isspace() or not c.isprintable() for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        return False
+    if parts.scheme in ("http", "https"):
+        return bool(parts.hostname)
+    return parts.scheme == "file"
+
+
+def _printable(text, limit: int = 200) -> str:
+    """A server's or user's text fit for one line of a message: control characters (terminal
+    escapes, newlines) replaced, runs of white space joined, long text cut."""
+    text = " ".join(str(text).split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -2105,31 +2286,70 @@ def _cli_pretrained(variant, source, backend, dtype):
 
 
 class _ProgressBar:
-    """download()'s progress callback for the CLI: a bar redrawn in place on a terminal, one
-    line otherwise so that logs stay readable."""
+    """download()'s progress callback for the CLI. On a terminal: a bar redrawn in place (at
+    most 10 times a second) with the rate and the time left. Elsewhere (a log, a pipe): a line
+    when the download starts, then one at most every `interval` seconds with the same figures,
+    so that a slow download shows it is alive and a log stays short."""
 
-    def __init__(self, name, stream):
-        self.name, self.stream, self.tty, self.drawn = name, stream, stream.isatty(), None
+    def __init__(self, name, stream, interval: float = 30.0, clock=time.monotonic):
+        self.name, self.stream, self.tty = name, stream, stream.isatty()
+        self.interval, self.clock = interval, clock
+        self.start = None  # (time, bytes) that the rate is measured from
+        self.shown = None  # when the last line or frame was written
+        self.drawn = ""
 
     def __call__(self, done, total):
-        mib = f"{done / 2**20:.1f}" + (f"/{total / 2**20:.1f}" if total else "") + " MiB"
-        if not self.tty:
-            if self.drawn is None:
-                size = f" ({total / 2**20:.1f} MiB)" if total else ""
-                print(f"mixer: downloading {self.name}{size}", file=self.stream, flush=True)
-                self.drawn = ""
+        now = self.clock()
+        if self.start is None or done < self.start[1]:  # the first call, or a restart at byte 0
+            self.start = (now, done)
+        elapsed = now - self.start[0]
+        rate = (done - self.start[1]) / elapsed if elapsed > 0 else 0.0
+        figures = f"{done / 2**20:.1f}" + (f"/{total / 2**20:.1f}" if total else "") + " MiB"
+        if rate > 0:
+            figures += f", {_size(rate)}/s"
+            if total and total > done:
+                figures += f", {_duration((total - done) / rate)} left"
+        if self.tty:
+            self._draw(now, done, total, figures)
+        elif self.shown is None:
+            size = f" ({total / 2**20:.1f} MiB)" if total else ""
+            self._line(now, f"mixer: downloading {self.name}{size}")
+        elif now - self.shown >= self.interval:
+            self._line(now, f"mixer: downloading {self.name}: {figures}")
+
+    def _line(self, now, text):
+        print(text, file=self.stream, flush=True)
+        self.shown = now
+
+    def _draw(self, now, done, total, figures):
+        finished = total is not None and done >= total
+        if self.shown is not None and now - self.shown < 0.1 and not finished:
             return
-        filled = 30 * done // total if total else 0
-        line = f"\r{self.name} [{'#' * filled}{'.' * (30 - filled)}] {mib}"
+        filled = min(30, 30 * done // total) if total else 0
+        line = f"{self.name} [{'#' * filled}{'.' * (30 - filled)}] {figures}"
         if line != self.drawn:
-            self.stream.write(line)
+            # spaces over what a longer previous frame left at the end of the line
+            self.stream.write("\r" + line + " " * (len(self.drawn) - len(line)))
             self.stream.flush()
-            self.drawn = line
+            self.drawn, self.shown = line, now
 
     def close(self):
         if self.tty and self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _size(n: float) -> str:
+    """A byte count (or a rate's) for people: 512 B, 64 KiB, 1.5 MiB."""
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n:.0f} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 class Terminated(KeyboardInterrupt):

@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
 import zipfile
@@ -284,3 +287,143 @@ def test_command_line_converts(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no head" in result.stdout and "bfloat16" in result.stdout
     assert mixer.load(out, backend="numpy").config.num_classes is None
+
+
+# --------------------------------------------------------------------------------------------
+# What OUT may be. Refused before anything is read: the input by any name, a folder, a device,
+# a FIFO, a socket. Replaced: a regular file (another user's too) and a symlink (the link
+# itself; its target is left as it was).
+
+def _existing_output(kind, folder, npz):
+    out = folder / "out.safetensors"
+    if kind == "the input":
+        return npz
+    if kind == "the input by another path":
+        (folder / "sub").mkdir()
+        return folder / "sub" / ".." / npz.name
+    if kind == "a symlink to the input":
+        out.symlink_to(npz)
+    elif kind == "a hard link to the input":
+        os.link(npz, out)
+    elif kind == "a folder":
+        out.mkdir()
+    elif kind == "a FIFO":
+        os.mkfifo(out)
+    elif kind == "a socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(out))
+        sock.close()  # the socket file stays
+    elif kind == "a device":
+        if os.geteuid() != 0:
+            pytest.skip("creating a device node needs root")
+        os.mknod(out, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
+    return out
+
+
+OUTPUT_REFUSALS = {
+    "the input": "is the input",
+    "the input by another path": "is the input",
+    "a symlink to the input": "is the input",
+    "a hard link to the input": "is the input",
+    "a folder": "is a folder; give a file name for the output",
+    "a FIFO": "is a FIFO, not a regular file; refusing to replace it",
+    "a socket": "is a socket, not a regular file; refusing to replace it",
+    "a device": "is a device, not a regular file; refusing to replace it",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OUTPUT_REFUSALS))
+def test_output_refusals(tmp_path, capsys, kind):
+    npz = tmp_path / "tiny.npz"
+    write_npz(npz, official("tiny")[0])
+    data = npz.read_bytes()
+    out = _existing_output(kind, tmp_path, npz)
+    before = {name: os.lstat(tmp_path / name) for name in files_in(tmp_path)}
+    assert convert.main([str(npz), str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("convert: error: ") and captured.err.count("\n") == 1
+    assert OUTPUT_REFUSALS[kind] in captured.err
+    assert npz.read_bytes() == data
+    after = {name: os.lstat(tmp_path / name) for name in files_in(tmp_path)}
+    assert {k: (v.st_ino, v.st_mode) for k, v in after.items()} == \
+        {k: (v.st_ino, v.st_mode) for k, v in before.items()}  # nothing made, replaced or left
+
+
+@pytest.mark.parametrize("kind", ["a regular file", "another user's file", "a symlink",
+                                  "a dangling symlink"])
+def test_output_replaced(tmp_path, kind):
+    npz = write_npz(tmp_path / "tiny.npz", official("tiny")[0])
+    out, target = tmp_path / "out.safetensors", tmp_path / "elsewhere.safetensors"
+    if kind in ("a regular file", "another user's file"):
+        out.write_bytes(b"old")
+    if kind == "another user's file":
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(out, 65534, 65534)
+        out.chmod(0o444)
+    if kind == "a symlink":
+        target.write_bytes(b"someone else's weights")
+    if "symlink" in kind:
+        out.symlink_to(target)
+    assert convert.main([npz, str(out)]) == 0
+    assert not out.is_symlink() and mixer.load(out, backend="numpy").config == TINY
+    if kind == "a symlink":
+        assert target.read_bytes() == b"someone else's weights"
+    assert not target.exists() or kind == "a symlink"
+    assert [f for f in files_in(tmp_path) if f.startswith(".tmp-")] == []
+
+
+SLOW_WRITE = """
+import contextlib, sys, time
+sys.path.insert(0, sys.argv[1])
+import convert, mixer
+
+real_atomic_write = mixer.atomic_write
+
+
+class SlowFile:
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        print("writing", flush=True)  # the temporary file beside OUT exists now
+        time.sleep(60)
+        return self.f.write(data)
+
+
+@contextlib.contextmanager
+def slow_atomic_write(path):
+    with real_atomic_write(path) as f:
+        yield SlowFile(f)
+
+
+mixer.atomic_write = slow_atomic_write
+sys.exit(convert.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig, status, says", [
+    (signal.SIGTERM, 143, "convert: stopped by SIGTERM"),
+    (signal.SIGHUP, 129, "convert: stopped by SIGHUP"),
+    (signal.SIGINT, 130, "convert: interrupted")], ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signal_while_writing_leaves_nothing(tmp_path, sig, status, says):
+    """A real process stopped while OUT's temporary file is being written (the write is made
+    slow so that the signal lands there): one line, the signal's status, no OUT, no .tmp-*."""
+    work, scripts = tmp_path / "work", tmp_path / "scripts"
+    work.mkdir()
+    scripts.mkdir()
+    npz = write_npz(work / "tiny.npz", official("tiny")[0])
+    (scripts / "slow_convert.py").write_text(SLOW_WRITE)
+    process = subprocess.Popen([sys.executable, str(scripts / "slow_convert.py"), REPO, npz,
+                                str(work / "out.safetensors")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "writing\n"
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == status
+    assert err == says + "\n"
+    assert files_in(work) == ["tiny.npz"]

@@ -44,16 +44,25 @@ def checkpoint_bytes(config=S32, favourite=0) -> bytes:
 
 class Server:
     """A local weights server. `files` maps URL paths to bytes; `drop_after` makes the first
-    `drops` responses stop after that many body bytes; `ranges` says whether Range is honoured."""
+    `drops` responses stop after that many body bytes; `ranges` says whether Range is honoured.
+    `custom` maps URL paths to functions(handler, server) that write a whole response of their
+    own (a misbehaving server); they should wait on `stop`, set when the server closes."""
 
     def __init__(self):
-        self.files, self.requests = {}, []
+        self.files, self.requests, self.custom = {}, [], {}
         self.drop_after, self.drops, self.ranges, self.status = None, 0, True, 200
+        self.stop = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
+                if self.path in server.custom:
+                    try:
+                        server.custom[self.path](self, server)
+                    except OSError:  # the client gave up on a misbehaving response
+                        pass
+                    return
                 data = server.files.get(self.path)
                 if data is None or server.status != 200:
                     self.send_error(404 if data is None else server.status)
@@ -83,6 +92,7 @@ class Server:
         self.thread.start()
 
     def close(self):
+        self.stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -102,11 +112,14 @@ def image(tmp_path_factory):
     return str(path)
 
 
-def run_mixer(args, url, home, script=os.path.join(REPO, "mixer.py"), cwd=REPO):
-    env = {**os.environ, "MIXER_WEIGHTS_URL": url, "MIXER_HOME": str(home),
-           "MIXER_BACKEND": "numpy", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+def mixer_env(url, home, **more) -> dict[str, str]:
+    return {**os.environ, "MIXER_WEIGHTS_URL": url, "MIXER_HOME": str(home),
+            "MIXER_BACKEND": "numpy", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **more}
+
+
+def run_mixer(args, url, home, script=os.path.join(REPO, "mixer.py"), cwd=REPO, **env):
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
+                          env=mixer_env(url, home, **env), cwd=cwd, timeout=120)
 
 
 def assert_one_line_error(result):
@@ -245,11 +258,12 @@ def test_no_network_says_how_to_convert_locally(image, tmp_path):
     url = server.url
     server.close()  # nothing listens there any more: connection refused, like being offline
     home = tmp_path / "cache"
-    result = run_mixer([image, "--variant", "B/16"], url, home)
+    # a PATH without an installed `mixer-convert`: the hint names the script beside mixer.py
+    result = run_mixer([image, "--variant", "B/16"], url, home, PATH=os.defpath)
     assert_one_line_error(result)
-    assert "python convert.py Mixer-B_16.npz" in result.stderr
-    assert str(home / "gsam-Mixer-B_16.safetensors") in result.stderr
-    assert "--weights" in result.stderr
+    assert "--weights Mixer-B_16.npz" in result.stderr
+    assert f"python convert.py Mixer-B_16.npz {home / 'gsam-Mixer-B_16.safetensors'}" in \
+        result.stderr
     assert not home.exists() or os.listdir(home) == []
 
 
@@ -302,17 +316,48 @@ def test_download_from_a_local_mirror(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["copy.npz", "mirror"]
 
 
+class Clock:
+    """A stand-in for time.monotonic that the test moves forward."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_progress_bar_draws_in_place_on_a_terminal():
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    stream = Terminal()
-    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream)
-    for done in (0, 2**20, 2**20, 2 * 2**20):
-        bar(done, 2 * 2**20)
+    stream, clock = Terminal(), Clock()
+    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream, clock=clock)
+    # (seconds since the start, MiB done) of 4 MiB; a call within 0.1 s of a frame is not
+    # drawn, except the last one
+    for seconds, mib in [(0, 0), (0.05, 0.5), (2, 1), (2.05, 1.5), (2.1, 4)]:
+        clock.now = 100.0 + seconds
+        bar(int(mib * 2**20), 4 * 2**20)
     bar.close()
     frames = stream.getvalue().split("\r")[1:]
-    assert len(frames) == 3  # a repeated frame is not redrawn
-    assert frames[0] == "gsam/Mixer-S_32.npz [" + "." * 30 + "] 0.0/2.0 MiB"
-    assert frames[-1] == "gsam/Mixer-S_32.npz [" + "#" * 30 + "] 2.0/2.0 MiB\n"
+    assert frames == [  # a shorter frame blanks the end of the longer one before it
+        "gsam/Mixer-S_32.npz [" + "." * 30 + "] 0.0/4.0 MiB",
+        "gsam/Mixer-S_32.npz [" + "#" * 7 + "." * 23 + "] 1.0/4.0 MiB, 512 KiB/s, 6 s left",
+        "gsam/Mixer-S_32.npz [" + "#" * 30 + "] 4.0/4.0 MiB, 1.9 MiB/s" + " " * 10 + "\n"]
+
+
+def test_progress_in_a_log_is_a_line_every_interval():
+    """Not a terminal: one line at the start, then at most one per interval with the amount,
+    the rate since the start and the time left, so that a slow download is seen to be alive."""
+    stream, clock = io.StringIO(), Clock()
+    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream, interval=30, clock=clock)
+    for seconds, kib in [(0, 0), (10, 100), (32, 1024), (40, 1200), (61, 1300), (64, 2048),
+                         (3600, 2048)]:
+        clock.now = 100.0 + seconds
+        bar(kib * 1024, 4 * 2**20)
+    bar.close()
+    assert stream.getvalue().splitlines() == [
+        "mixer: downloading gsam/Mixer-S_32.npz (4.0 MiB)",
+        "mixer: downloading gsam/Mixer-S_32.npz: 1.0/4.0 MiB, 32 KiB/s, 2 min left",
+        "mixer: downloading gsam/Mixer-S_32.npz: 2.0/4.0 MiB, 32 KiB/s, 64 s left",
+        "mixer: downloading gsam/Mixer-S_32.npz: 2.0/4.0 MiB, 583 B/s, 60 min left"]
