@@ -1779,7 +1779,7 @@ def weights_url() -> str:
     file:// folder laid out like the release), else WEIGHTS_URL."""
     url = os.environ.get("MIXER_WEIGHTS_URL") or WEIGHTS_URL
     if not _is_download_url(url):
-        raise MixerError(f"MIXER_WEIGHTS_URL={_printable(url)!r} is not an http://, https:// or "
+        raise MixerError(f"MIXER_WEIGHTS_URL={_one_line(url)!r} is not an http://, https:// or "
                          f"file:// URL: set it to a copy of the release laid out like "
                          f"{WEIGHTS_URL}, or unset it")
     return url
@@ -1796,7 +1796,7 @@ def download_deadline() -> float:
     except ValueError:
         seconds = math.nan
     if not 0 < seconds < math.inf:
-        raise MixerError(f"MIXER_DOWNLOAD_TIMEOUT={_printable(value)!r}: expected a number of "
+        raise MixerError(f"MIXER_DOWNLOAD_TIMEOUT={_one_line(value)!r}: expected a number of "
                          f"seconds above 0 (the limit for a whole download; default "
                          f"{DOWNLOAD_DEADLINE:.0f})")
     return seconds
@@ -1821,7 +1821,8 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
         raise MixerError(f"{path}, the cache of {checkpoint}, is not a regular file: delete it "
                          f"to download {checkpoint} again")
     try:
-        found_source = read_safetensors(path)[1].get("mixer.source")
+        with SafetensorsFile(path) as f:  # the header only
+            found_source = f.metadata.get("mixer.source")
         model = load(path, backend=backend, dtype=dtype)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
@@ -1925,7 +1926,7 @@ def download(url: str, path: str, progress=None, attempts: int = DOWNLOAD_ATTEMP
     progress(done, total) is called as bytes arrive; total is None when the server sends no size.
     """
     if not _is_download_url(url):
-        raise MixerError(f"cannot download {_printable(url)!r}: expected an http://, https:// or "
+        raise MixerError(f"cannot download {_one_line(url)!r}: expected an http://, https:// or "
                          f"file:// URL")
     limit = download_deadline() if deadline is None else deadline
     ends = time.monotonic() + limit
@@ -1943,14 +1944,14 @@ def download(url: str, path: str, progress=None, attempts: int = DOWNLOAD_ATTEMP
                         f.truncate()
                     elif e.code < 500 and e.code not in (408, 429):  # retrying will not help
                         raise MixerError(f"cannot download {url}: HTTP {e.code} "
-                                         f"{_printable(e.reason)}") from None
-                    problem = f"HTTP {e.code} {_printable(e.reason)}"
+                                         f"{_one_line(e.reason)}") from None
+                    problem = f"HTTP {e.code} {_one_line(e.reason)}"
                 except urllib.error.URLError as e:  # no connection at all: offline, DNS, refused
-                    raise MixerError(f"cannot download {url}: {_printable(e.reason)}") from None
+                    raise MixerError(f"cannot download {url}: {_one_line(e.reason)}") from None
                 except TimeoutError as e:  # a stall or a trickle, in _fetch's words
                     problem = str(e)
                 except (OSError, http.client.HTTPException) as e:  # dropped mid-transfer
-                    problem = _printable(f"{type(e).__name__}: {e}" if str(e)
+                    problem = _one_line(f"{type(e).__name__}: {e}" if str(e)
                                          else type(e).__name__)
                 if attempt < attempts:
                     time.sleep(min(0.5 * attempt, max(0.0, ends - time.monotonic())))
@@ -2051,11 +2052,10 @@ def _is_download_url(url: str) -> bool:
     return parts.scheme == "file"
 
 
-def _printable(text, limit: int = 200) -> str:
-    """A server's or user's text fit for one line of a message: control characters (terminal
-    escapes, newlines) replaced, runs of white space joined, long text cut."""
-    text = " ".join(str(text).split())
-    text = "".join(c if c.isprintable() else "?" for c in text)
+def _one_line(text, limit: int = 200) -> str:
+    """A server's or user's text fit for one line of a message: runs of white space joined,
+    control characters escaped (_printable), long text cut."""
+    text = _printable(" ".join(str(text).split()))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
