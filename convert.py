@@ -28,7 +28,17 @@ import os
 import stat
 import sys
 
-import mixer
+if __name__ == "__main__":
+    def _interrupted_while_starting(kind, value, tb, report=sys.excepthook):
+        """Ctrl-C while numpy and mixer are imported (before run_main's handling begins): one
+        line and status 130, as at any later moment."""
+        if issubclass(kind, KeyboardInterrupt):
+            print("convert: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+        report(kind, value, tb)
+    sys.excepthook = _interrupted_while_starting
+
+import mixer  # noqa: E402 -- after the start-up handler above
 
 
 def convert(npz: str, output: str, dtype: str = "float32", head: bool = True,

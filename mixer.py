@@ -1745,7 +1745,8 @@ def official_checkpoint(variant: str, source: str | None = None) -> str:
         return next(iter(released.values()))
     if source not in released:
         raise MixerError(f"no {source!r} checkpoint of Mixer-{variant} was released; for "
-                         f"{variant} use --source {' or '.join(released)} (all released: "
+                         f"{variant} use source {' or '.join(map(repr, released))} (--source) "
+                         f"(all released: "
                          f"{listing})")
     return released[source]
 

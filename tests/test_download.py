@@ -168,7 +168,7 @@ def test_source_and_variant_choices_are_explained(tmp_path, capsys):
     for argv, message in [
             (["--variant", "L/32"], "no official weights were released for Mixer-L/32"),
             (["--variant", "H/14"], "B/16: gsam, sam, imagenet1k, imagenet21k"),
-            (["--variant", "S/32", "--source", "sam"], "use --source gsam"),
+            (["--variant", "S/32", "--source", "sam"], "use source 'gsam' (--source)"),
             (["--variant", "S/32", "--weights", "x.safetensors"], "not both"),
             (["--source", "gsam"], "use it with --variant"),
             ([], "--variant")]:
