@@ -22,9 +22,9 @@ for _path in (REPO, TESTS):  # `import mixer` and `import reference` without ins
 BACKENDS = ["numpy", "mlx", "tinygrad-CPU", "tinygrad-CL"]
 
 # Absolute tolerances on logits and pre-logits (both O(1) in these tests) against the float64
-# reference. A float32 forward is ~1e-6 off; numpy is held to 1e-5 (MIXER.md: a float32
-# implementation matches the official outputs to ~1e-5). mlx and tinygrad reorder reductions and
-# fuse kernels, so 1e-4: still below the ~5e-4 that an erf GELU moves S/32 logits (test_model
+# reference. A float32 forward is ~1e-6 off; numpy is held to 1e-5 (a float32
+# implementation of the official equations matches its outputs to ~1e-5). mlx and tinygrad
+# reorder reductions and fuse kernels, so 1e-4: still below the ~5e-4 that an erf GELU moves S/32 logits (test_model
 # checks that this tolerance would catch one).
 TOLERANCE = {"numpy": 1e-5, "mlx": 1e-4, "tinygrad": 1e-4}
 

@@ -1,4 +1,5 @@
-"""An independent float64 numpy MLP-Mixer forward, written from the equations (MIXER.md §1).
+"""An independent float64 numpy MLP-Mixer forward, written from the equations (paper §2, official
+models_mixer.py).
 
 Nothing here imports or follows mixer.py: the stem is the strided convolution itself (a sum over
 the P x P kernel offsets), token mixing is the transposed MLP `x + T(MLP(T(LN(x))))`, and every

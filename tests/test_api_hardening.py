@@ -172,7 +172,8 @@ def test_fifo_is_refused_without_blocking(tmp_path):
         os.close(fd)
     outcome = run_guarded(lambda: mixer.preprocess(fifo), unblock)
     assert isinstance(outcome.get("error"), mixer.MixerError), outcome
-    assert str(outcome["error"]) == f"{fifo}: is not a regular file (a pipe or a device), not an image"
+    assert str(outcome["error"]) == \
+        f"{fifo}: is not a regular file (a pipe or a device), not an image"
 
 
 @pytest.mark.parametrize("path, message", [

@@ -10,7 +10,7 @@ import mixer
 
 @pytest.mark.parametrize("variant, gflops", [("S/32", 2.0), ("B/16", 25.2)])
 def test_flops_per_image(variant, gflops):
-    # MIXER.md §2: about 2.0 GFLOP/image for S/32 and 25.2 for B/16 at 224 (multiply-add = 2)
+    # from the shapes: about 2.0 GFLOP/image for S/32 and 25.2 for B/16 at 224 (multiply-add = 2)
     assert bench.flops_per_image(mixer.VARIANTS[variant]) / 1e9 == pytest.approx(gflops, abs=0.05)
 
 

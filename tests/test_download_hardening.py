@@ -18,28 +18,14 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import mixer
 from conftest import REPO
+from test_download import image, server  # noqa: F401 -- fixtures
 from test_download import (S32, Server, assert_one_line_error, checkpoint_bytes, mixer_env,
                            run_mixer, top1)
 
 S32_FILE = "/gsam/Mixer-S_32.npz"
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images") / "img.jpg"
-    Image.new("RGB", (40, 30), (200, 100, 50)).save(path)
-    return str(path)
 
 
 @pytest.fixture

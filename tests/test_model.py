@@ -250,8 +250,9 @@ def test_tolerance_catches_wrong_numerics(s32_case):
 
 
 def test_reference_stem_is_the_patch_flattening():
-    """MIXER.md §1: the conv equals patches flattened as (row, col, rgb) times the kernel
-    reshaped to (P*P*3, C), tokens row-major. Checks the reference's conv against that."""
+    """The official stem (a P x P conv, stride P) equals patches flattened as (row, col, rgb)
+    times the kernel reshaped to (P*P*3, C), tokens row-major. Checks the reference's conv
+    against that."""
     from reference import conv_stem
     rng = np.random.default_rng(0)
     x, k, b = rng.normal(size=(2, 8, 12, 3)), rng.normal(size=(4, 4, 3, 5)), rng.normal(size=5)
@@ -268,10 +269,10 @@ def test_reference_stem_is_the_patch_flattening():
 # the head). The paper rounds parameter counts to whole millions (S/32 has 18.59M parameters and
 # is listed as 19M), so a count matches when it rounds to the table's figure:
 # |count - paper * 1e6| <= 0.5e6.
-# S/8 is not in the paper's table. MIXER.md lists it as 19M, but with the S/16 widths at 224 it
+# S/8 is not in the paper's table. With the S/16 widths at 224 it
 # has 20.13M: its 784 tokens make each token-mixing MLP 2*784*256 weights (8 blocks: 3.2M, vs
 # 0.8M for S/16). 20.13M is also what the released gsam/Mixer-S_8.npz size implies: (20.13M +
-# 0.51M head) * 4 bytes = 78.8 MiB, the top of MIXER.md's "~71-79 MiB" for the S checkpoints.
+# 0.51M head) * 4 bytes = 78.8 MiB, consistent with the 71-79 MiB of the released S checkpoints.
 # So S/8 is checked against 20M.
 TABLE_1 = {
     "S/32": (8, 32, 512, 256, 2048, 49, 19),

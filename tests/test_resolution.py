@@ -1,4 +1,4 @@
-"""Mixer.at_resolution: the paper's higher-resolution expansion (Appendix C, MIXER.md §6)."""
+"""Mixer.at_resolution: the paper's higher-resolution expansion (Appendix C)."""
 
 import dataclasses
 
@@ -47,8 +47,8 @@ def test_logits_are_the_mean_over_tiles(backend, tol, k):
     np.testing.assert_allclose(big(y) - big(x), changed / k**2, rtol=0, atol=2 * tol)
 
 
-def test_layout_is_mixer_md_formula():
-    """Entry by entry, written as MIXER.md states it: token t at grid (y, x), old grid side g,
+def test_layout_is_the_appendix_c_formula():
+    """Entry by entry, as the paper's Appendix C implies: token t at grid (y, x), old side g,
     tile q = (y // g) K + x // g, local index s = (y % g) g + x % g."""
     k, g, d = 2, 3, BASE.tokens_mlp_dim
     params = random_params(BASE, seed=0)

@@ -98,7 +98,7 @@ def read_metrics(run_dir):
 
 
 def official_lr(step, base, warmup, total):
-    """MIXER.md §6 as written there."""
+    """The official schedule (linear warmup, then cosine decay to 0), written out independently."""
     progress = np.clip((step - warmup) / (total - warmup), 0.0, 1.0)
     lr = base * 0.5 * (1 + np.cos(np.pi * progress))
     return lr * min(1.0, step / warmup)
