@@ -39,7 +39,6 @@ import shutil
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -487,7 +486,7 @@ class MlxOps:
         self.mx = _import_mlx()
         self.dtype = _check_dtype(dtype)
         self._dtype = getattr(self.mx, dtype)
-        self._local = threading.local()  # MLX streams belong to the thread that made them
+        self._streams = []  # the main thread's CPU streams for split batches (split_batch)
 
     def asarray(self, a):
         with BACKEND_LOCKS["mlx"]:
@@ -544,18 +543,22 @@ class MlxOps:
     def split_batch(self, batch: int, fn):
         """[fn(lo, hi) for each part of the batch], each part's graph built on its own CPU
         stream and evaluated with OpenBLAS single-threaded; None (run it whole) on a GPU, or
-        where there is no OpenBLAS to set (not Linux), one thread, or too few images.
+        where there is no OpenBLAS to set (not Linux), one thread, or too few images; and in
+        threads other than the main one: an MLX stream belongs to the thread that made it and
+        owns an OS thread that MLX never frees, so a server's threads would each leak some.
 
         MLX runs a CPU stream's element-wise kernels on that stream's one thread, so one
         stream leaves the other cores idle outside GEMMs; one stream per OpenBLAS thread
         measured 1.47x on S/32 inference at batch 2, 1.6x at 32, 1.4x on B/16, and 1.5x on
         S/32 training steps at batch 32."""
         mx = self.mx
+        if threading.current_thread() is not threading.main_thread():
+            return None
         blas = mlx_openblas() if mx.default_device() == mx.cpu else None
         n = _split_count(batch, batch, blas.threads() if blas else 1, 1)
         if n < 2:
             return None
-        streams = self._local.__dict__.setdefault("streams", [])
+        streams = self._streams
         while len(streams) < n:
             streams.append(mx.new_stream(mx.cpu))
         bounds = [batch * i // n for i in range(n + 1)]
@@ -613,32 +616,15 @@ class TinygradOps:
         compiler = getattr(device, "compiler", None)
         render = getattr(getattr(device, "renderer", None), "render_dtype", None)
         if type(compiler).__name__ == "ClangCompiler" and render is not None \
-                and not self._clang_compiles(compiler, render(dtype)):
+                and not _clang_compiles(os.environ.get("CC", "clang"),
+                                        getattr(compiler, "arch", None),
+                                        tuple(getattr(compiler, "args", [])), render(dtype)):
             return False
         try:
             stored = self.tg.Tensor([1.5, -2.0]).cast(dtype).realize()  # a kernel that writes it
             return stored.float().tolist() == [1.5, -2.0]
         except Exception:  # the device's compiler rejects the kernel
             return False
-
-    @staticmethod
-    def _clang_compiles(compiler, ctype: str) -> bool:
-        """Whether the clang that tinygrad's CPU device runs accepts pointers to and bit casts
-        into the C type `ctype` (as tinygrad's kernels use them), asked directly with clang's
-        messages captured: through tinygrad, a refusal prints 8-10 lines of clang errors."""
-        import subprocess
-        arch = getattr(compiler, "arch", None)
-        target = [f"--target={arch}-none-unknown-elf"] if arch else []
-        try:
-            done = subprocess.run([os.environ.get("CC", "clang"), "-c", "-x", "c", *target,
-                                   *getattr(compiler, "args", []), "-", "-o", os.devnull],
-                                  input=f"void f({ctype}* p, unsigned short u) {{ *p = "
-                                        f"__builtin_bit_cast({ctype}, u); }}\n".encode(),
-                                  capture_output=True,
-                                  timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return done.returncode == 0
 
     def asarray(self, a):
         # np.array copies: tinygrad's OpenCL upload needs a writable buffer, and loaded
@@ -678,6 +664,23 @@ class TinygradOps:
                     jits[x.shape] = self.tg.TinyJit(lambda p, t: fn(p, t).realize())
                 return jits[x.shape](params, x.realize())
         return run
+
+
+@functools.cache
+def _clang_compiles(cc: str, arch: str | None, args: tuple, ctype: str) -> bool:
+    """Whether the clang that tinygrad's CPU device runs accepts pointers to and bit casts into
+    the C type `ctype` (as tinygrad's kernels use them), asked directly with clang's messages
+    captured (through tinygrad, a refusal prints 8-10 lines of clang errors); once per process."""
+    import subprocess
+    target = [f"--target={arch}-none-unknown-elf"] if arch else []
+    try:
+        done = subprocess.run([cc, "-c", "-x", "c", *target, *args, "-", "-o", os.devnull],
+                              input=f"void f({ctype}* p, unsigned short u) {{ *p = "
+                                    f"__builtin_bit_cast({ctype}, u); }}\n".encode(),
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 
 def _patchify(x, p, transpose):
@@ -848,7 +851,7 @@ def _open_regular(path, name: str | None = None, what: str = "a weights file"):
         kind = "is a directory" if stat.S_ISDIR(mode) else \
             "is not a regular file (a pipe or a device)"
         raise MixerError(f"{name}: {kind}, not {what}")
-    if hasattr(os, "set_blocking"):
+    if getattr(os, "O_NONBLOCK", 0):  # back to blocking reads (Windows opened it blocking)
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
@@ -1078,8 +1081,8 @@ class atomic_write:
     into place only when the block ends without an exception, so `path` is either the old file
     or the complete new one. Ctrl-C, SIGTERM under run_main, and full disks remove the
     temporary; one left by a process that was killed outright (SIGKILL, a power cut) is named
-    `.tmp-<pid>-...` and removed by the next atomic_write into that folder once that process is
-    gone. The target may be missing, a regular file or a symlink (the link itself is replaced,
+    `.tmp-mixer-<host>-<pid>-...` and removed by the next atomic_write into that folder from the
+    same host once that process is gone (see remove_stale_temporaries). The target may be missing, a regular file or a symlink (the link itself is replaced,
     its target left alone); a directory, FIFO or device is refused."""
 
     def __init__(self, path: str):
@@ -1135,11 +1138,20 @@ class atomic_write:
                 os.unlink(self.tmp)
 
 
+def _temporary_prefix() -> str:
+    """The start of every temporary name this process makes: `.tmp-mixer-<host>-<pid>-`. The
+    host is part of it because a pid means something on its own machine only (a folder shared
+    over NFS, or by containers, holds temporaries of other machines' live processes)."""
+    host = "".join(c if c.isalnum() else "_" for c in platform.node())[:32] or "host"
+    return f".tmp-mixer-{host}-{os.getpid()}-"
+
+
 def _create_temporary(folder: str, suffix: str) -> tuple[str, int]:
-    """A new file `.tmp-<pid>-<random><suffix>` in folder: (path, fd open for writing). Its mode
-    is what open() would give (0666 less the umask), without touching the process's umask."""
+    """A new file `<_temporary_prefix()><8 hex digits><suffix>` in folder: (path, fd open for
+    writing). Its mode is what open() would give (0666 less the umask), without touching the
+    process's umask."""
     for _ in range(100):
-        path = os.path.join(folder, f".tmp-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
+        path = os.path.join(folder, f"{_temporary_prefix()}{os.urandom(4).hex()}{suffix}")
         try:
             return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                  | getattr(os, "O_BINARY", 0), 0o666)
@@ -1159,23 +1171,30 @@ def _fsync_folder(folder: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Removes the `.tmp-<pid>-...` files and folders that atomic_write and the download cache
-    left in `folder` when their process was killed outright; returns what was removed. Those of
-    live processes (this one included) are left alone, so this is safe to run at any time."""
+    """Removes the temporaries that atomic_write (files) and the download cache (folders ending
+    in -download) left in `folder` when their process was killed outright; returns what was
+    removed. Only names of exactly that form (`.tmp-mixer-<host>-<pid>-<8 hex>-...`) made on
+    this host by a process that no longer exists are touched: those of live processes, of other
+    machines, and everything else are left alone, so this is safe to run at any time."""
     removed = []
     try:
         names = os.listdir(folder)
     except OSError:
         return removed
+    mine = _temporary_prefix().rsplit("-", 2)[0] + "-"  # `.tmp-mixer-<host>-`
     for name in names:
-        parts = name.split("-", 2)
-        if len(parts) < 3 or parts[0] != ".tmp" or not parts[1].isdigit():
+        if not name.startswith(mine):
             continue
-        if _process_alive(int(parts[1])):
+        pid, _, rest = name[len(mine):].partition("-")
+        random = rest[:8]
+        if not (pid.isdigit() and len(random) == 8 and rest[8:9] == "-"
+                and all(c in "0123456789abcdef" for c in random)) or _process_alive(int(pid)):
             continue
         path = os.path.join(folder, name)
         with contextlib.suppress(OSError):
             if os.path.isdir(path) and not os.path.islink(path):
+                if not name.endswith("-download"):
+                    continue
                 shutil.rmtree(path)
             else:
                 os.unlink(path)
@@ -1220,6 +1239,9 @@ class Mixer:
                  labels: list[str] | None = None, preprocessing: dict | None = None,
                  dtype: str = "float32"):
         lazy = isinstance(params, SafetensorsFile)  # load(): tensors read one at a time
+        if not lazy and not isinstance(params, dict):
+            raise MixerError(f"params must be a dict of official names to arrays (see "
+                             f"param_shapes), got {type(params).__name__}")
         shapes = params.shapes() if lazy else {k: tuple(v.shape) for k, v in params.items()}
         check_shapes(config, shapes, params.name if lazy else "weights")
         if labels is not None and (config.num_classes is None or len(labels) != config.num_classes):
@@ -1863,9 +1885,11 @@ def _download_official(variant, checkpoint, path, progress):
     try:
         os.makedirs(folder, exist_ok=True)
         # The raw .npz lives in a private folder beside the cache (same disk); only the converted
-        # file is kept. Its name follows atomic_write's temporaries (.tmp-<pid>-...) so that when
-        # this process is killed outright (SIGKILL) a later writer here reclaims it.
-        scratch = tempfile.mkdtemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix="-download")
+        # file is kept. It is named as atomic_write's temporaries are (.tmp-mixer-<host>-<pid>-
+        # <8 hex>-download) so that when this process is killed outright (SIGKILL) a later
+        # writer here reclaims it.
+        scratch = os.path.join(folder, f"{_temporary_prefix()}{os.urandom(4).hex()}-download")
+        os.mkdir(scratch, 0o700)
     except OSError as e:
         raise MixerError(f"cannot write to the weights cache {folder}: {e.strerror or e} "
                          f"(set MIXER_HOME to a writable folder)") from None

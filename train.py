@@ -52,6 +52,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -760,11 +761,14 @@ def _append_jsonl(path: str, record: dict) -> None:
     write that fails (a full disk) is undone, so that the file never holds part of a line.
     allow_nan=False: the file stays valid JSON (callers keep non-finite numbers out)."""
     line = (json.dumps(record, allow_nan=False) + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:  # non-blocking: opening a FIFO put in its place would wait for a reader for ever
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0),
+                     0o666)
     except OSError as e:
         raise MixerError(f"cannot write {path}: {e.strerror or e}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MixerError(f"cannot write {path}: it is not a regular file")
         size = os.fstat(fd).st_size
         try:
             if os.write(fd, line) != len(line):  # a short write: the disk is full
@@ -780,14 +784,13 @@ def _append_jsonl(path: str, record: dict) -> None:
 def _truncate_metrics(run_dir: str, path: str, step: int) -> None:
     """On resume, drop the records logged after the saved state (they will be redone). A line
     that is not a whole record means the file was damaged: refused, not guessed at."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return
-    except OSError as e:
-        raise _damaged(run_dir, f"cannot read {path}: {e.strerror or e}",
-                       "move it away") from None
+    try:
+        with mixer._open_regular(path, what="a metrics file") as f:
+            data = f.read()
+    except MixerError as e:
+        raise _damaged(run_dir, str(e), "move it away") from None
     lines = data.split(b"\n")
     if lines[-1].strip():
         raise _damaged(run_dir, f"{path}: line {len(lines)} (the last) is incomplete",
@@ -998,7 +1001,10 @@ class Console:
 
     def say(self, message: str) -> None:
         if self.enabled:
-            print(("\n" if self.open else "") + f"train: {message}", file=sys.stderr, flush=True)
+            # file and folder names from the dataset come through here: escaped, so that a name
+            # cannot send the terminal escape sequences or break the line
+            print(("\n" if self.open else "") + f"train: {mixer._printable(message)}",
+                  file=sys.stderr, flush=True)
             self.open = False
 
     def progress(self, line: str, keep: bool = False) -> None:
@@ -1092,8 +1098,9 @@ def _check_values(settings: dict) -> None:
     for k in ("lr", "epochs"):
         if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
             raise MixerError(f"--{k} must be a finite positive number, got {settings[k]}")
-    if settings.get("warmup") is not None and settings["warmup"] < 0:
-        raise MixerError(f"--warmup must be at least 0, got {settings['warmup']}")
+    for k in ("warmup", "seed"):  # numpy's generators take non-negative seeds only
+        if settings.get(k) is not None and settings[k] < 0:
+            raise MixerError(f"--{k} must be at least 0, got {settings[k]}")
 
 
 def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) -> TrainResult:

@@ -59,17 +59,24 @@ def dead_pid() -> int:
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    """Only mixer's own names, made on this host by a process that is gone, are removed."""
     dead, alive = dead_pid(), os.getppid()
-    (tmp_path / f".tmp-{dead}-0a1b2c3d-model.safetensors").write_bytes(b"partial")
-    (tmp_path / f".tmp-{dead}-9f8e7d6c-download").mkdir()
-    (tmp_path / f".tmp-{dead}-9f8e7d6c-download" / "Mixer-B_16.npz").write_bytes(b"partial")
-    (tmp_path / f".tmp-{alive}-11223344-other.safetensors").write_bytes(b"being written")
-    (tmp_path / ".tmp-notapid-x").write_bytes(b"not ours")
-    (tmp_path / "keep.txt").write_bytes(b"user file")
+    mine = mixer._temporary_prefix().rsplit("-", 2)[0]  # .tmp-mixer-<this host>
+    (tmp_path / f"{mine}-{dead}-0a1b2c3d-model.safetensors").write_bytes(b"partial")
+    (tmp_path / f"{mine}-{dead}-9f8e7d6c-download").mkdir()
+    (tmp_path / f"{mine}-{dead}-9f8e7d6c-download" / "Mixer-B_16.npz").write_bytes(b"partial")
+    kept = [f"{mine}-{alive}-11223344-other.safetensors",  # a live process's
+            f".tmp-mixer-otherhost-{dead}-55667788-x.safetensors",  # another machine's
+            f"{mine}-{dead}-notahexx-x",  # not a name mixer makes
+            f".tmp-{dead}-0a1b2c3d-notes",  # someone else's naming
+            "keep.txt"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"keep")
+    (tmp_path / f"{mine}-{dead}-aabbccdd-my-folder").mkdir()  # a folder, but not a download's
+    kept.append(f"{mine}-{dead}-aabbccdd-my-folder")
     with mixer.atomic_write(tmp_path / "new.bin") as f:
         f.write(b"x")
-    assert listing(tmp_path) == [f".tmp-{alive}-11223344-other.safetensors", ".tmp-notapid-x",
-                                 "keep.txt", "new.bin"]
+    assert listing(tmp_path) == sorted(kept + ["new.bin"])
 
 
 def test_sigkill_mid_write_is_cleaned_up_by_the_next_write(tmp_path):
@@ -83,7 +90,8 @@ def test_sigkill_mid_write_is_cleaned_up_by_the_next_write(tmp_path):
     assert child.stdout.readline() == "ready\n"
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert [n for n in listing(tmp_path) if n.startswith(f".tmp-{child.pid}-")]
+    mine = mixer._temporary_prefix().rsplit("-", 2)[0]
+    assert [n for n in listing(tmp_path) if n.startswith(f"{mine}-{child.pid}-")]
     mixer.Mixer(SMALL, mixer.init_params(SMALL), backend="numpy").save(tmp_path / "m.safetensors")
     assert listing(tmp_path) == ["m.safetensors"]
 

@@ -164,7 +164,7 @@ def test_mlx_data_parallel_on_cpu_matches_reference(mlx_cpu_split):
         np.testing.assert_allclose(model(x), reference_forward(params, x)[0], rtol=0,
                                    atol=TOLERANCE["mlx"], err_msg=f"batch {batch}")
         assert len(mlx_cpu_split.inside) == splits, f"batch {batch}"
-    assert mlx_cpu_split.inside == [1, 1] and len(model._ops._local.streams) == 2
+    assert mlx_cpu_split.inside == [1, 1] and len(model._ops._streams) == 2
 
 
 def test_s32_matches_reference(backend, tol, s32_case):

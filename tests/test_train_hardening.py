@@ -553,3 +553,40 @@ def test_signals_during_and_after_training(data, tmp_path, capsys):
     info = train.load_state(str(out))[0]
     assert info["step"] >= 1 and not (out / "best.safetensors").exists()
     assert not (out / "metrics.jsonl").exists()  # no record is due before step 100000
+
+
+def test_negative_seed_exit_2(data, tmp_path, capsys):
+    """numpy's generators refuse negative seeds: this was 'internal error', status 1."""
+    code, err = cli(capsys, data, *TINY, "--steps", "1", "--seed", "-1", "--out", tmp_path / "r")
+    assert_refused(code, err, "--seed must be at least 0, got -1")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_for_metrics_never_blocks(data, tmp_path, capsys):
+    """A FIFO in place of metrics.jsonl blocked --resume for ever (and the append too)."""
+    run = tmp_path / "run"
+    train.train(data_dir=data, **SMALL, image_size=16, batch_size=4, steps=2, backend="mlx",
+                out=str(run), stop_after=1, quiet=True)
+    os.remove(run / "metrics.jsonl")
+    os.mkfifo(run / "metrics.jsonl")
+    found = {}
+    worker = threading.Thread(target=lambda: found.update(result=cli(capsys, "--resume", run)),
+                              daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "blocked on the FIFO"
+    assert_refused(*found["result"], "not a regular file")
+    # with no reader, opening the FIFO fails at once (ENXIO); with one, the fstat check refuses
+    with pytest.raises(mixer.MixerError, match="cannot write .*metrics.jsonl: "):
+        train._append_jsonl(str(run / "metrics.jsonl"), {"step": 1})
+
+
+def test_dataset_names_are_escaped(tmp_path, capsys):
+    """A file name holding a terminal escape reached the terminal raw in the skip message."""
+    root = make_dataset(tmp_path / "data", {"train": 2}, size=16)
+    with open(os.path.join(root, "train", "red", "bad\x1b[2J.png"), "wb") as f:
+        f.write(b"not an image")
+    code, err = cli(capsys, root, *TINY, "--steps", "1", "--out", tmp_path / "r")
+    assert code == 0, err
+    assert any("bad\\x1b[2J.png" in line for line in err), err
+    assert not any("\x1b" in line for line in err), err
