@@ -335,7 +335,8 @@ def make_photo(width: int, height: int, seed: int = 0):
     draw = ImageDraw.Draw(image)
     for _ in range(40):
         x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        w, h = int(rng.integers(width // 40, width // 4)), int(rng.integers(height // 40, height // 4))
+        w = int(rng.integers(width // 40, width // 4))
+        h = int(rng.integers(height // 40, height // 4))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
         shape((x, y, x + w, y + h), fill=colour)
@@ -495,8 +496,8 @@ def print_photos(photos):
     print(f"\nphotos: {n} JPEGs of {size}")
     print(f"  preprocess, one photo, one core: {photos['preprocess_ms']:.1f} ms (exact: "
           f"{photos['preprocess_exact_ms']:.1f} ms); fast vs exact: mean |difference| "
-          f"{photos['fast_vs_exact_mean']:.4f} (worst photo {photos['fast_vs_exact_worst_mean']:.4f}, "
-          f"largest single value {photos['fast_vs_exact_max']:.3f})")
+          f"{photos['fast_vs_exact_mean']:.4f} (worst photo "
+          f"{photos['fast_vs_exact_worst_mean']:.4f}, largest single value {photos['fast_vs_exact_max']:.3f})")
     print_table(f"Mixer.classify({n} paths) beside the model alone on the same batch "
                 f"(ratio = classify / model)", photos["classify"],
                 [("variant", ""), ("backend", ""), ("batch", "d"), ("model_images_per_s", ".1f"),

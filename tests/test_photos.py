@@ -235,7 +235,8 @@ def test_folder_of_mixed_files(folder):
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"mixer: skipped {folder['corrupt']}: cannot read the image ("), lines
+    assert lines[0].startswith(f"mixer: skipped {folder['corrupt']}: cannot read the image ("), \
+        lines
     lines = result.stdout.splitlines()
     assert lines[::3] == folder["readable"]
     labels = [[line.split("%  ", 1)[1] for line in lines[i + 1:i + 3]]
