@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -315,6 +316,207 @@ def bench_train(backends, steps, timeout):
     return rows
 
 
+# --- photos: end to end, from camera-sized JPEG files -----------------------------------------
+
+PHOTO_SIZE = (4032, 3024)  # what a phone camera writes: 12 megapixels
+SMALL_PHOTO_SIZE = (320, 240)  # the same photos stored small, for the fine-tuning comparison
+PHOTOS_PER_CLASS = 16  # two classes: 32 photos
+TRAIN_EPOCHS, TRAIN_BATCH = 4, 16
+
+
+def make_photo(width: int, height: int, seed: int = 0):
+    """A photo-like PIL image: a smooth colour field, shapes with sharp edges softened by a
+    lens-like blur, thin lines, a band of fine texture, and sensor noise. What JPEG files and
+    reduced-scale decoding can be compared on (random pixels would be all texture)."""
+    from PIL import Image, ImageDraw, ImageFilter
+    rng = np.random.default_rng(seed)
+    field = Image.fromarray(rng.integers(30, 225, (3, 4, 3), dtype=np.uint8))
+    image = field.resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w = int(rng.integers(width // 40, width // 4))
+        h = int(rng.integers(height // 40, height // 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x, y, x + w, y + h), fill=colour)
+    for _ in range(30):
+        ends = [int(v) for v in rng.integers(0, [width, height, width, height])]
+        draw.line(ends, fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+                  width=max(1, int(rng.integers(1, 6)) * width // 2000))
+    image = image.filter(ImageFilter.GaussianBlur(width / 3000))
+    a = np.asarray(image, dtype=np.int16)
+    y, x = np.mgrid[0:height, 0:width]
+    band = (y > 0.6 * height) & (y < 0.8 * height)  # fabric or foliage: a few pixels a period
+    a = a + (band * 25 * np.sin(x * 0.9 + y * 0.4)).astype(np.int16)[..., None]
+    a = a + rng.normal(0, 4, a.shape).astype(np.int16)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def photo_data(root: str) -> dict:
+    """The benchmark's photos, generated once under `root` (a minute) and reused: a train.py
+    data folder of 2 x PHOTOS_PER_CLASS JPEGs (quality 90, ~2 MB each) at PHOTO_SIZE, val/
+    holding two of each class, and the same layout with the photos stored at SMALL_PHOTO_SIZE.
+    Returns {"full": folder, "small": folder}; each has train/ (the 32 photos) and val/."""
+    folders = {"full": os.path.join(root, "%dx%d" % PHOTO_SIZE),
+               "small": os.path.join(root, "%dx%d" % SMALL_PHOTO_SIZE)}
+    if all(os.path.isdir(f) for f in folders.values()):
+        return folders
+    os.makedirs(root, exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=root, prefix=".making-")
+    for kind, size in (("full", PHOTO_SIZE), ("small", SMALL_PHOTO_SIZE)):
+        for split, count in (("train", PHOTOS_PER_CLASS), ("val", 2)):
+            for label in ("a", "b"):
+                os.makedirs(os.path.join(scratch, kind, split, label))
+    for i in range(2 * PHOTOS_PER_CLASS):
+        photo = make_photo(*PHOTO_SIZE, seed=i)
+        small = photo.resize(SMALL_PHOTO_SIZE, reducing_gap=3.0)
+        label, n = "ab"[i % 2], i // 2
+        splits = ["train"] + (["val"] if n < 2 else [])
+        for split in splits:
+            name = os.path.join(split, label, f"photo-{n:02d}.jpg")
+            photo.save(os.path.join(scratch, "full", name), quality=90)
+            small.save(os.path.join(scratch, "small", name), quality=90)
+    for kind, folder in folders.items():
+        if not os.path.isdir(folder):
+            os.rename(os.path.join(scratch, kind), folder)
+    shutil.rmtree(scratch)
+    return folders
+
+
+def photo_files(folder: str) -> list:
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+
+
+def photos_worker(backend, variant, folder, rounds):
+    """Mixer.classify on the photos' paths against the model alone on the same images,
+    preprocessed, at the same batch (all of them), interleaved round by round; best of each."""
+    config = mixer.VARIANTS[variant]
+    model = build_model(config, backend)
+    paths = photo_files(folder)
+    x = np.stack([mixer.preprocess(p, size=config.image_size) for p in paths])
+    model(x)  # warm-up: compilation, page-in of the weights
+    model.classify(paths[:4], batch_size=len(paths))
+    best = {"model": float("inf"), "classify": float("inf"), "classify_exact": float("inf")}
+    for _ in range(rounds):
+        for key, call in (("model", lambda: model(x)),
+                          ("classify", lambda: model.classify(paths, batch_size=len(paths))),
+                          ("classify_exact", lambda: model.classify(paths, batch_size=len(paths),
+                                                                    exact=True))):
+            t = time.perf_counter()
+            call()
+            best[key] = min(best[key], time.perf_counter() - t)
+    print(json.dumps({f"{k}_images_per_s": len(paths) / t for k, t in best.items()}), flush=True)
+
+
+def photos_train_worker(data_dir, out):
+    """train.train on one data folder (S/32 from scratch on MLX, TRAIN_EPOCHS epochs); prints
+    the images_per_s of each step, as metrics.jsonl records them."""
+    import train
+    steps = TRAIN_EPOCHS * 2 * PHOTOS_PER_CLASS // TRAIN_BATCH
+    train.train(data_dir, variant="S/32", backend="mlx", batch_size=TRAIN_BATCH, steps=steps,
+                eval_every=10**6, log_every=1, out=out, quiet=True)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    print(json.dumps([r["images_per_s"] for r in records if "images_per_s" in r]), flush=True)
+
+
+def bench_photos(variants, backends, rounds, root, timeout):
+    """The end-to-end rows: classify and the CLI on a folder of 12-megapixel JPEGs beside the
+    model alone; preprocess fast and exact; fine-tuning on the photos and on them stored small."""
+    folders = photo_data(root)
+    photos = os.path.join(folders["full"], "train")
+    paths = photo_files(photos)
+    rows = {"photos": len(paths), "photo_size": "%dx%d" % PHOTO_SIZE}
+    # (c) one photo through preprocess on one core (median of 5), and how far apart the two are
+    for exact in (False, True):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            mixer.preprocess(paths[0], exact=exact)
+            times.append(time.perf_counter() - t)
+        rows["preprocess_exact_ms" if exact else "preprocess_ms"] = statistics.median(times) * 1e3
+    diffs = [np.abs(mixer.preprocess(p) - mixer.preprocess(p, exact=True)) for p in paths]
+    rows["fast_vs_exact_mean"] = float(np.mean([d.mean() for d in diffs]))
+    rows["fast_vs_exact_worst_mean"] = float(max(d.mean() for d in diffs))
+    rows["fast_vs_exact_max"] = float(max(d.max() for d in diffs))
+    # (a) and (b), each backend in its own process
+    classify, cli = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, b in ((v, b) for v in variants for b in backends):
+            weights = os.path.join(tmp, variant.replace("/", "_") + ".safetensors")
+            if not os.path.exists(weights):
+                mixer.init(mixer.VARIANTS[variant], backend="numpy").save(weights)
+            row = {"variant": variant, "backend": b, "batch": len(paths)}
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--photos-worker",
+                                   b, variant, photos, str(rounds)],
+                                  capture_output=True, text=True, timeout=timeout)
+            if done.returncode == 0:
+                row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+                row["ratio"] = row["classify_images_per_s"] / row["model_images_per_s"]
+            else:
+                row["skipped"] = (done.stderr.strip().splitlines() or ["failed"])[-1]
+            classify.append(row)
+            command = [sys.executable, os.path.join(HERE, "mixer.py"), photos,
+                       "--weights", weights, "--backend", b]
+            t = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            wall = time.perf_counter() - t
+            cli.append({"variant": variant, "backend": b, "wall_s": wall,
+                        "images_per_s": len(paths) / wall} if done.returncode == 0 else
+                       {"variant": variant, "backend": b,
+                        "skipped": (done.stderr.strip().splitlines() or ["failed"])[-1]})
+        # (d) fine-tuning on MLX, the photos and the same photos stored small, in turn
+        training = {}
+        for kind, folder in folders.items():
+            done = subprocess.run([sys.executable, os.path.abspath(__file__),
+                                   "--photos-train-worker", folder,
+                                   os.path.join(tmp, "run-" + kind)],
+                                  capture_output=True, text=True, timeout=timeout)
+            if done.returncode == 0:
+                per_step = json.loads(done.stdout.strip().splitlines()[-1])
+                # all the run's images over all its time; and without the first step, which
+                # also compiles the training step (the same work in both runs)
+                training[kind] = {"per_step": per_step,
+                                  "images_per_s": len(per_step) / sum(1 / r for r in per_step),
+                                  "after_first_step": (len(per_step) - 1)
+                                  / sum(1 / r for r in per_step[1:])}
+            else:
+                training[kind] = {"skipped": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    rows.update(classify=classify, cli=cli, train=training)
+    if all("images_per_s" in t for t in training.values()):
+        full, small = training["full"], training["small"]
+        training["ratio"] = full["images_per_s"] / small["images_per_s"]
+        training["ratio_after_first_step"] = full["after_first_step"] / small["after_first_step"]
+    return rows
+
+
+def print_photos(photos):
+    n, size = photos["photos"], photos["photo_size"]
+    print(f"\nphotos: {n} JPEGs of {size}")
+    print(f"  preprocess, one photo, one core: {photos['preprocess_ms']:.1f} ms (exact: "
+          f"{photos['preprocess_exact_ms']:.1f} ms); fast vs exact: mean |difference| "
+          f"{photos['fast_vs_exact_mean']:.4f} (worst photo "
+          f"{photos['fast_vs_exact_worst_mean']:.4f}, largest single value {photos['fast_vs_exact_max']:.3f})")
+    print_table(f"Mixer.classify({n} paths) beside the model alone on the same batch "
+                f"(ratio = classify / model)", photos["classify"],
+                [("variant", ""), ("backend", ""), ("batch", "d"), ("model_images_per_s", ".1f"),
+                 ("classify_images_per_s", ".1f"), ("ratio", ".2f"),
+                 ("classify_exact_images_per_s", ".1f"), ("skipped", "")])
+    print_table(f"python mixer.py FOLDER --weights F ({n} photos; wall time, start-up included)",
+                photos["cli"], [("variant", ""), ("backend", ""), ("wall_s", ".2f"),
+                                ("images_per_s", ".1f"), ("skipped", "")])
+    train = photos["train"]
+    rows = [dict(kind=k, **v) for k, v in train.items() if isinstance(v, dict)]
+    print_table(f"fine-tuning S/32 on MLX, batch {TRAIN_BATCH}, {TRAIN_EPOCHS} epochs "
+                f"(images_per_s from metrics.jsonl)", rows,
+                [("kind", ""), ("images_per_s", ".1f"), ("after_first_step", ".1f"),
+                 ("skipped", "")])
+    if "ratio" in train:
+        print(f"  photos / stored small: {train['ratio']:.2f} (after the first step: "
+              f"{train['ratio_after_first_step']:.2f})")
+
+
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -359,7 +561,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-call-seconds", type=float, default=30.0,
                         help="skip a backend/batch whose first call takes longer (e.g. tinygrad "
                              "on a CPU without BEAM at B/16, batch 32)")
+    parser.add_argument("--photos", action="store_true",
+                        help="also the end-to-end rows on 32 generated 12-megapixel JPEGs "
+                             "(made once under --photos-dir, ~1 min): Mixer.classify and "
+                             "`python mixer.py FOLDER` beside the model alone, for --variants "
+                             "and --backends; preprocess fast and exact; fine-tuning S/32 on "
+                             "MLX on the photos and on them stored at 320x240")
+    parser.add_argument("--photos-dir", default=os.path.join(tempfile.gettempdir(),
+                                                             "mixer-bench-photos"),
+                        help="where the generated photos are kept (default: %(default)s)")
     parser.add_argument("--train-worker", nargs=2, metavar=("BACKEND", "STEPS"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--photos-worker", nargs=4,
+                        metavar=("BACKEND", "VARIANT", "FOLDER", "ROUNDS"), help=argparse.SUPPRESS)
+    parser.add_argument("--photos-train-worker", nargs=2, metavar=("DATA_DIR", "OUT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "VARIANT", "OPTIONS"),
                         help=argparse.SUPPRESS)
@@ -372,6 +587,11 @@ def main(argv=None):
         return worker(args.worker[0], args.worker[1], json.loads(args.worker[2]))
     if args.train_worker:
         return train_worker(args.train_worker[0], int(args.train_worker[1]))
+    if args.photos_worker:
+        backend, variant, folder, rounds = args.photos_worker
+        return photos_worker(backend, variant, folder, int(rounds))
+    if args.photos_train_worker:
+        return photos_train_worker(*args.photos_train_worker)
 
     backends = args.backends or [b for b in mixer.BACKENDS
                                  if b == "numpy" or mixer._installed(b)]
@@ -440,8 +660,15 @@ def main(argv=None):
                                ("train_images_per_s", ".1f"), ("vs_torch", ".2f"),
                                ("skipped", "")])
 
+    photos = None
+    if args.photos:
+        photos = bench_photos(args.variants, backends, args.rounds, args.photos_dir,
+                              args.train_timeout)
+        print_photos(photos)
+
     if args.json:
-        doc = {"machine": machine, "inference": inference, "cli": cli, "training": training}
+        doc = {"machine": machine, "inference": inference, "cli": cli, "training": training,
+               "photos": photos}
         with mixer.atomic_write(args.json) as f:
             f.write(json.dumps(doc, indent=2).encode())
     return 0
