@@ -1343,8 +1343,8 @@ class Mixer:
             raise MixerError(f"resize must be 'crop', 'squash' or None, got {resize!r}")
         if self.config.num_classes is None:
             raise MixerError("this model has no head (num_classes=None): nothing to classify")
-        if isinstance(images, (str, os.PathLike)) or _is_pil_image(images):
-            images = [images]  # one image, not an iterable of characters or pixels
+        if isinstance(images, (str, bytes, os.PathLike)) or _is_pil_image(images):
+            images = [images]  # one image, not an iterable of characters, bytes or pixels
         if isinstance(images, np.ndarray):
             # slices of a batch; an empty or misshapen array goes to the model whole, which
             # checks it (and gives no rows for an empty batch)
@@ -2128,6 +2128,9 @@ REDUCED_MARGIN = 2
 _ORIENTATION = 0x0112  # the EXIF tag; values 5 to 8 turn the picture by 90 degrees
 
 
+MAX_IMAGE_SIZE = 8192  # preprocess's largest output side: 8192^2 x 3 float32 = 768 MiB
+
+
 def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False) -> np.ndarray:
     """A path or PIL image -> float32 (size, size, 3) in [-1, 1].
 
@@ -2149,9 +2152,12 @@ def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False
     """
     Image, ImageOps = _import_pil()
     size = _positive_int(size, "size")
+    if size > MAX_IMAGE_SIZE:  # the output alone would be size * size * 12 bytes
+        raise MixerError(f"size {size} is more than {MAX_IMAGE_SIZE} pixels a side: a Mixer "
+                         f"takes images of a few hundred pixels (224, 448, ...)")
     if resize not in ("crop", "squash"):
         raise MixerError(f"resize must be 'crop' or 'squash', got {resize!r}")
-    is_path = isinstance(image, (str, os.PathLike))
+    is_path = isinstance(image, (str, bytes, os.PathLike))
     if not is_path and not isinstance(image, Image.Image):
         raise MixerError(f"expected an image file's path or a PIL image, got "
                          f"{type(image).__name__} (a preprocessed array goes straight to the "

@@ -506,3 +506,17 @@ def test_undecodable_file_name_is_printed(hostile, tmp_path):
     first = text.split("\n")[0]
     assert first.endswith("caf\\xe9.png")
     first.encode("utf-8")  # printable
+
+
+def test_review_cases(tmp_path):
+    """An absurd output size was killed by the OOM killer instead of refused; a bytes path given
+    to classify was iterated byte by byte."""
+    image = os.path.join(REPO, "examples", "chelsea.jpg")
+    with pytest.raises(mixer.MixerError, match="size 1000000 is more than 8192 pixels a side"):
+        mixer.preprocess(image, size=10**6)
+    config = mixer.MixerConfig(patch_size=4, hidden_dim=8, num_blocks=1, tokens_mlp_dim=4,
+                               channels_mlp_dim=8, num_classes=3, image_size=8)
+    model = mixer.init(config, backend="numpy")
+    assert model.classify(os.fsencode(image)) == model.classify([image])
+    with pytest.raises(mixer.MixerError, match="params must be a dict"):
+        mixer.Mixer(config, [1, 2], backend="numpy")
