@@ -21,6 +21,11 @@ needs (params, momentum buffers, step, settings; no pickle). The data order and 
 augmentation are pure functions of (seed, position in the sample stream), so the step number is
 the whole data-loader state and a resumed run repeats the uninterrupted one.
 
+Training images are decoded at the smallest scale that still gives every random crop at least
+the input size in pixels (a 12-megapixel JPEG at 224 px: libjpeg's 1/2 scale), with the crops
+drawn in full-resolution coordinates, and kept in memory (--decode-cache-mib, per process) so
+that later epochs do not decode them again; evaluation images are kept preprocessed.
+
 A run owns its directory: a new run creates it (or takes an empty --out) and, like --resume,
 holds a lock on RUN_DIR/train.lock while it runs, so that a second train.py on the same
 directory is refused. A progress line follows the first step, then every --log-every steps.
@@ -557,12 +562,12 @@ class Reduced:
                     factor = round(width / drafted[1][2])
             orientation = img.getexif().get(EXIF_ORIENTATION, 1)
             rgb = mixer._to_rgb(img)
-            if most / factor >= 2:
-                rgb = rgb.reduce(int(most / factor))
-                factor *= int(most / factor)
+            extra = int(most / factor)  # what draft left (all of it for other formats)
+            if extra >= 2:  # only where it pays: reduce averages extra x extra blocks
+                rgb, factor = rgb.reduce(extra), factor * extra
             pixels = np.asarray(rgb)  # decoded here, while the file is open
         pixels.flags.writeable = False  # shared by the threads that crop it
-        if ORIENTATIONS.get(orientation, ("", False, False, False))[3]:
+        if orientation in ORIENTATIONS and ORIENTATIONS[orientation][3]:  # a quarter turn
             width, height = height, width
         return cls(pixels, factor, width, height, orientation), signature
 
