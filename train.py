@@ -497,8 +497,8 @@ def inception_crop(width: int, height: int, rng, scale=CROP_SCALE, ratio=CROP_RA
 
 def largest_reduction(width: int, height: int, size: int) -> float:
     """By how much (per side) a width x height image may be shrunk before inception_crop cuts
-    it, with every crop it can draw still at least `size` pixels on each side: so a crop is
-    never upscaled to size x size from fewer pixels than it would have at full resolution.
+    it while every crop it can draw keeps at least `size` pixels on each side (below 1: some
+    crops have fewer even at full resolution, and the image is not shrunk).
 
     The narrowest crops: CROP_SCALE[0] of the area at the extreme aspect ratio, that is
     round(sqrt(0.08 * 3/4 * area)) pixels on their short side; or, when inception_crop's ten
