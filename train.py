@@ -21,6 +21,11 @@ needs (params, momentum buffers, step, settings; no pickle). The data order and 
 augmentation are pure functions of (seed, position in the sample stream), so the step number is
 the whole data-loader state and a resumed run repeats the uninterrupted one.
 
+Training images are decoded at the smallest scale that still gives every random crop at least
+the input size in pixels (a 12-megapixel JPEG at 224 px: libjpeg's 1/2 scale), with the crops
+drawn in full-resolution coordinates, and kept in memory (--decode-cache-mib, per process) so
+that later epochs do not decode them again; evaluation images are kept preprocessed.
+
 A run owns its directory: a new run creates it (or takes an empty --out) and, like --resume,
 holds a lock on RUN_DIR/train.lock while it runs, so that a second train.py on the same
 directory is refused. A progress line follows the first step, then every --log-every steps.
@@ -100,9 +105,10 @@ DEFAULTS = {
     "eval_every": None,  # 10 evaluations per run
     "log_every": 10,
     "workers": None,  # decoding threads: one per core, at most 8
+    "decode_cache_mib": 1024,  # decoded images kept in memory between epochs (DecodeCache)
 }
 # Settings that --resume may change because they do not change the result.
-RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every"}
+RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every", "decode_cache_mib"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +475,11 @@ def _probe(path) -> str | None:
             type(e).__name__
 
 
-def inception_crop(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+CROP_SCALE = (0.08, 1.0)  # inception crops: the share of the image's area they cover
+CROP_RATIO = (3 / 4, 4 / 3)  # and their aspect ratio (width / height)
+
+
+def inception_crop(width: int, height: int, rng, scale=CROP_SCALE, ratio=CROP_RATIO):
     """A random box covering `scale` of the area with aspect ratio in `ratio` (log-uniform),
     as in Inception training; the whole image, cropped to the nearest ratio, if 10 tries fail."""
     area = width * height
@@ -486,20 +496,173 @@ def inception_crop(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4
     return left, top, left + w, top + h
 
 
+def largest_reduction(width: int, height: int, size: int) -> float:
+    """By how much (per side) a width x height image may be shrunk before inception_crop cuts
+    it while every crop it can draw keeps at least `size` pixels on each side (below 1: some
+    crops have fewer even at full resolution, and the image is not shrunk).
+
+    The narrowest crops: CROP_SCALE[0] of the area at the extreme aspect ratio, that is
+    round(sqrt(0.08 * 3/4 * area)) pixels on their short side; or, when inception_crop's ten
+    tries fail (very elongated images), its centred fallback, as wide as the image's shorter
+    side at least."""
+    narrowest = math.sqrt(CROP_SCALE[0] * width * height * min(CROP_RATIO[0], 1 / CROP_RATIO[1]))
+    return min(round(narrowest), width, height) / size
+
+
+# EXIF orientation -> Pillow's transpose that shows the image upright (as in
+# ImageOps.exif_transpose), and how a point of the upright image maps back to the image as
+# stored: x mirrored, y mirrored, then x and y swapped.
+ORIENTATIONS = {2: ("FLIP_LEFT_RIGHT", True, False, False), 3: ("ROTATE_180", True, True, False),
+                4: ("FLIP_TOP_BOTTOM", False, True, False), 5: ("TRANSPOSE", False, False, True),
+                6: ("ROTATE_270", True, False, True), 7: ("TRANSVERSE", True, True, True),
+                8: ("ROTATE_90", False, True, True)}
+EXIF_ORIENTATION = 0x0112
+
+
+def _stored_box(box, width: int, height: int, orientation: int):
+    """A box of the upright width x height image -> the same pixels' box in the stored image."""
+    if orientation not in ORIENTATIONS:
+        return box
+    _, mirror_x, mirror_y, swap = ORIENTATIONS[orientation]
+    x0, y0, x1, y1 = box
+    if mirror_x:
+        x0, x1 = width - x1, width - x0
+    if mirror_y:
+        y0, y1 = height - y1, height - y0
+    return (y0, x0, y1, x1) if swap else (x0, y0, x1, y1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduced:
+    """A training image decoded once, as augmentation needs it (and as DecodeCache keeps it):
+    RGB pixels of the image as stored, `factor` times smaller per side than the file; the size
+    and EXIF orientation of the file's image, in whose upright coordinates crops are drawn."""
+    pixels: np.ndarray  # uint8 (rows, columns, 3), read-only
+    factor: int
+    width: int  # upright, at full resolution
+    height: int
+    orientation: int
+
+    @classmethod
+    def decode(cls, path: str, size: int) -> tuple["Reduced", tuple]:
+        """The image at `path` at the largest reduction that largest_reduction allows: libjpeg
+        decodes a JPEG at 1/2, 1/4 or 1/8 scale itself (Pillow's draft mode: a few times less
+        work than a full decode), and Image.reduce averages whole blocks of pixels where the
+        image is still 2 or more times larger than needed (other formats; a JPEG beyond 8x).
+        -> (the image, the file's signature as it was read). Raises what Pillow raises."""
+        Image, _ = mixer._import_pil()
+        with mixer._open_regular(path, what="an image") as f, Image.open(f) as img:
+            signature = _signature(os.fstat(f.fileno()))
+            width, height = img.size
+            most = largest_reduction(width, height, size)
+            factor = 1
+            if most >= 2:
+                # draft picks the largest of 1/2, 1/4, 1/8 that leaves the size asked for
+                drafted = img.draft("RGB", (math.ceil(width / most), math.ceil(height / most)))
+                if drafted is not None:  # a JPEG: it returns the full image's box, rescaled
+                    factor = round(width / drafted[1][2])
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            rgb = mixer._to_rgb(img)
+            extra = int(most / factor)  # what draft left (all of it for other formats)
+            if extra >= 2:  # only where it pays: reduce averages extra x extra blocks
+                rgb, factor = rgb.reduce(extra), factor * extra
+            pixels = np.asarray(rgb)  # decoded here, while the file is open
+        pixels.flags.writeable = False  # shared by the threads that crop it
+        if orientation in ORIENTATIONS and ORIENTATIONS[orientation][3]:  # a quarter turn
+            width, height = height, width
+        return cls(pixels, factor, width, height, orientation), signature
+
+    def crop(self, box, size: int):
+        """The upright image's `box` (full-resolution coordinates), bicubic-resized to
+        size x size: an upright RGB PIL image."""
+        Image, _ = mixer._import_pil()
+        x0, y0, x1, y1 = (v / self.factor for v in
+                          _stored_box(box, self.width, self.height, self.orientation))
+        # Only the pixels that the filter reads become a PIL image: bicubic reads 2 pixels
+        # either side of an output pixel's centre, times the scale when shrinking.
+        mx = math.ceil(2 * max((x1 - x0) / size, 1)) + 1
+        my = math.ceil(2 * max((y1 - y0) / size, 1)) + 1
+        rows, cols = self.pixels.shape[:2]
+        c0, r0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
+        c1, r1 = min(cols, math.ceil(x1) + mx), min(rows, math.ceil(y1) + my)
+        img = Image.fromarray(np.ascontiguousarray(self.pixels[r0:r1, c0:c1]))
+        img = img.resize((size, size), Image.BICUBIC, box=(x0 - c0, y0 - r0, x1 - c0, y1 - r0))
+        if self.orientation in ORIENTATIONS:  # the output, not the image, turned upright
+            img = img.transpose(Image.Transpose[ORIENTATIONS[self.orientation][0]])
+        return img
+
+
+def _signature(st: os.stat_result) -> tuple:
+    """What tells a file's version apart: a rewrite changes the size or the times, a
+    replacement (rename over it) the inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+class DecodeCache:
+    """Decoded images kept in this process's memory, so that later epochs and evaluations do
+    not decode the same files again. Nothing is written to disk: the cache lives and dies with
+    the run, each process of a data-parallel run has its own, and there is nothing to clean up
+    or to invalidate between runs.
+
+    Each entry holds the file's signature (size, modification and change times, inode) as it
+    was read: a file changed since is decoded again, and its old entry dropped. At most
+    `budget` bytes of arrays are kept; once full, new images are not added (the order is
+    shuffled every epoch, so any policy hits about the share that fits; this one never throws
+    away what it paid to decode). Thread-safe.
+    """
+
+    def __init__(self, budget: int):
+        self.budget, self.used, self.refused = budget, 0, 0
+        self._entries = {}  # key -> (signature, value, nbytes)
+        self._lock = threading.Lock()
+
+    def get(self, key, path: str):
+        """The value stored under `key` if `path` is still the file it was read from, else
+        None."""
+        try:
+            signature = _signature(os.stat(path))
+        except OSError:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry[0] != signature:
+                del self._entries[key]
+                self.used -= entry[2]
+                return None
+            return entry[1]
+
+    def put(self, key, signature: tuple, value, nbytes: int) -> None:
+        """Keeps `value` (read from a file with this signature) if it fits in the budget."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.used -= old[2]
+            if self.used + nbytes <= self.budget:
+                self._entries[key] = (signature, value, nbytes)
+                self.used += nbytes
+            elif self.budget:
+                self.refused += 1
+
+
 class Loader:
     """Global batches from the infinite stream of training samples.
 
     Stream position p is sample perm_e[p mod N] of epoch e = p // N, where perm_e is a
     permutation seeded by (seed, 0, e); its augmentation draws from a generator seeded by
-    (seed, 1, p). So step k's batch depends only on k: resuming needs no loader state, and the
-    result does not depend on which thread decodes what.
+    (seed, 1, p), in the coordinates of the full-resolution upright image whatever the scale
+    it is decoded at. So step k's batch depends only on k: resuming needs no loader state, and
+    the result depends neither on which thread decodes what nor on what the cache holds.
     """
 
     def __init__(self, split: Split, num_classes: int, image_size: int, resize: str,
-                 augment: bool, seed: int, pool, say):
+                 augment: bool, seed: int, pool, say, cache: DecodeCache | None = None):
         self.split, self.num_classes, self.size = split, num_classes, image_size
         self.resize, self.augment, self.seed = resize, augment, seed
         self.pool, self.say, self.failed = pool, say, set()
+        self.cache = cache or DecodeCache(0)
+        self._told_full = False
         self._epoch, self._perm = None, None  # the permutation of the latest epoch asked for
 
     def sample_index(self, position: int) -> int:
@@ -513,14 +676,15 @@ class Loader:
     def decode(self, path: str, position: int):
         """float32 (size, size, 3) in [-1, 1], or None if the file cannot be decoded."""
         if not self.augment:
-            return _try_preprocess(path, self.size, self.resize)
-        Image, ImageOps = mixer._import_pil()
-        rng = np.random.default_rng([self.seed, 1, position])
+            return _try_preprocess(path, self.size, self.resize, self.cache)
+        Image, _ = mixer._import_pil()
         try:
-            with mixer._open_regular(path, what="an image") as f, Image.open(f) as img:
-                img = mixer._to_rgb(ImageOps.exif_transpose(img))  # same as preprocess
-            img = img.resize((self.size, self.size), Image.BICUBIC,
-                             box=inception_crop(*img.size, rng))
+            image = self.cache.get(("augment", path), path)
+            if image is None:
+                image, signature = Reduced.decode(path, self.size)
+                self.cache.put(("augment", path), signature, image, image.pixels.nbytes)
+            rng = np.random.default_rng([self.seed, 1, position])
+            img = image.crop(inception_crop(image.width, image.height, rng), self.size)
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -545,6 +709,11 @@ class Loader:
             step += 1
 
     def _assemble(self, index, images):
+        if self.cache.refused and not self._told_full:
+            self._told_full = True
+            self.say(f"the decode cache is full ({self.cache.used / 2**20:.0f} MiB): the images "
+                     f"that did not fit are decoded again every epoch (--decode-cache-mib sets "
+                     f"its size)")
         ok = [j for j, im in enumerate(images) if im is not None]
         if not ok:
             raise MixerError("a whole batch of images could not be decoded: check the dataset")
@@ -566,13 +735,14 @@ def one_hot(labels, num_classes: int) -> np.ndarray:
 
 
 def evaluate(trainer: Trainer, split: Split, image_size: int, resize: str, batch_size: int,
-             pool) -> float:
+             pool, cache: DecodeCache) -> float:
     """Top-1 accuracy on `split` (mixer.preprocess geometry), each rank taking every size-th
-    image. Batches are padded to one fixed shape; images that cannot be decoded are left out."""
+    image. Batches are padded to one fixed shape; images that cannot be decoded are left out.
+    The preprocessed images are the same at every evaluation: kept in `cache` while it has room."""
     xp = trainer.xp
     index = list(range(xp.rank, len(split.files), xp.size))
     chunks = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
-    decode = lambda i: _try_preprocess(split.files[i], image_size, resize)  # noqa: E731
+    decode = lambda i: _try_preprocess(split.files[i], image_size, resize, cache)  # noqa: E731
     pending = collections.deque()
     correct = seen = 0
     for n in range(len(chunks)):
@@ -593,11 +763,21 @@ def evaluate(trainer: Trainer, split: Split, image_size: int, resize: str, batch
     return correct / seen
 
 
-def _try_preprocess(path, size, resize):
+def _try_preprocess(path, size, resize, cache: DecodeCache):
+    """mixer.preprocess(path), kept in `cache`; None if the file cannot be decoded."""
+    image = cache.get(("preprocess", path), path)
+    if image is not None:
+        return image
     try:
-        return mixer.preprocess(path, size=size, resize=resize)
-    except MixerError:
+        # the signature is taken before the read: a file that changes while it is read is
+        # then decoded again at its next use, never kept as if it were current
+        signature = _signature(os.stat(path))
+        image = mixer.preprocess(path, size=size, resize=resize)
+    except (OSError, MixerError):
         return None
+    image.flags.writeable = False
+    cache.put(("preprocess", path), signature, image, image.nbytes)
+    return image
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,7 +850,7 @@ STATE_KEYS = {"version": int, "step": int, "settings": dict, "classes": list, "c
 SETTING_KEYS = {"data_dir": str, "backend": str, "steps": int, "batch_size": int,
                 "accum_steps": int, "lr": float, "warmup": int, "seed": int, "eval_every": int,
                 "log_every": int, "image_size": int, "augment": bool,
-                "val_fraction": (float, None), "workers": (int, None)}
+                "val_fraction": (float, None), "workers": (int, None), "decode_cache_mib": int}
 WINDOW_KEYS = {"loss": float, "grad_norm": float, "n": int}
 DATA_KEYS = {"digest": str, "num_train": int}
 
@@ -721,7 +901,10 @@ def load_state(run_dir: str):
     if isinstance(info, dict) and info.get("version", STATE_VERSION) != STATE_VERSION:
         raise MixerError(f"{path}: state version {info['version']!r}, this train.py reads "
                          f"{STATE_VERSION}")
-    problem = (_check_keys("the state", info, STATE_KEYS)
+    problem = _check_keys("the state", info, STATE_KEYS)
+    if problem is None and isinstance(info["settings"], dict):  # saved before the option existed
+        info["settings"].setdefault("decode_cache_mib", DEFAULTS["decode_cache_mib"])
+    problem = (problem
                or _check_keys("the state's settings", info["settings"], SETTING_KEYS)
                or _check_keys("the state's window", info["window"], WINDOW_KEYS)
                or _check_keys("the state's data", info["data"], DATA_KEYS))
@@ -1030,7 +1213,7 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
           no_augment=False, out=None, resume=None, keep_head=False, hidden_dim=None,
           num_blocks=None, patch_size=None, tokens_mlp_dim=None, channels_mlp_dim=None,
           val_fraction=None, seed=None, eval_every=None, log_every=None, workers=None,
-          stop_after=None, quiet=False) -> TrainResult:
+          decode_cache_mib=None, stop_after=None, quiet=False) -> TrainResult:
     """Fine-tunes (or trains from scratch) and writes the run directory; see the module doc.
 
     Arguments are the command line's; None means the default (DEFAULTS). stop_after=k stops
@@ -1101,6 +1284,9 @@ def _check_values(settings: dict) -> None:
     for k in ("warmup", "seed"):  # numpy's generators take non-negative seeds only
         if settings.get(k) is not None and settings[k] < 0:
             raise MixerError(f"--{k} must be at least 0, got {settings[k]}")
+    if settings.get("decode_cache_mib") is not None and settings["decode_cache_mib"] < 0:
+        raise MixerError(f"--decode-cache-mib must be at least 0 (0: no cache), got "
+                         f"{settings['decode_cache_mib']}")
 
 
 def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) -> TrainResult:
@@ -1140,8 +1326,9 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
         _truncate_metrics(run_dir, metrics_path, start)
 
     trainer = Trainer(xp, config, params, momentum, accum)
+    cache = DecodeCache(s["decode_cache_mib"] * 2**20)
     loader = Loader(train_split, len(classes), config.image_size, resize, s["augment"], s["seed"],
-                    pool, say)
+                    pool, say, cache)
     say(f"{len(train_split.files)} training images in {len(classes)} classes, "
         f"{len(val_split.files) if val_split else 'no'} validation images; "
         f"{config.variant or 'custom'} Mixer at {config.image_size}px from {source}, on "
@@ -1210,7 +1397,8 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
             window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
             timed = {"time": 0.0, "n": 0}
         if evaluate_now and val_split is not None:
-            val_top1 = evaluate(trainer, val_split, config.image_size, resize, micro, pool)
+            val_top1 = evaluate(trainer, val_split, config.image_size, resize, micro, pool,
+                                cache)
             record["val_top1"] = val_top1
             if best is None or val_top1 > best:
                 best, best_step = val_top1, step
@@ -1326,6 +1514,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluate and checkpoint every N steps (default: 10 times a run)")
     run.add_argument("--log-every", type=int, help="steps per metrics record (default 10)")
     run.add_argument("--workers", type=int, help="image decoding threads (default: cores, <= 8)")
+    run.add_argument("--decode-cache-mib", type=int, metavar="MIB",
+                     help="memory for decoded images kept between epochs, per process "
+                          "(default 1024; 0: none)")
     return parser
 
 
