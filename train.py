@@ -554,6 +554,10 @@ class Reduced:
         with mixer._open_regular(path, what="an image") as f, Image.open(f) as img:
             signature = _signature(os.fstat(f.fileno()))
             width, height = img.size
+            limit = Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x its limit
+            if limit is not None and width * height > limit:
+                raise Image.DecompressionBombError(f"{width}x{height} is more than Pillow's "
+                                                   f"limit of {limit} pixels")
             most = largest_reduction(width, height, size)
             factor = 1
             if most >= 2:

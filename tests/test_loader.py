@@ -298,3 +298,15 @@ def test_decode_cache_option(tmp_path, capsys):
     assert train.main([root, *tiny, "--decode-cache-mib", "0", "--out", str(tmp_path / "b")]) == 0
     info, _, _ = train.load_state(str(tmp_path / "b"))
     assert info["settings"]["decode_cache_mib"] == 0
+
+
+def test_images_over_pillows_limit_are_skipped(tmp_path, monkeypatch):
+    """Between 1x and 2x its limit Pillow only warns (two lines on stderr) and decodes: the
+    loader refuses such an image like an unreadable one, as mixer.preprocess does."""
+    from PIL import Image
+    path = str(tmp_path / "big.png")
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40000)  # 60000 pixels: 1.5x the limit
+    with pytest.raises(Image.DecompressionBombError, match="300x200 is more than"), \
+            pytest.warns(Image.DecompressionBombWarning):  # Pillow's own, at open
+        train.Reduced.decode(path, 16)
