@@ -345,7 +345,7 @@ def test_bad_arguments_raise_mixer_error(model, call, message):
     (12345, 32, "expected an image file's path or a PIL image, got int"),
     (None, 32, "got NoneType"),
     (np.zeros((32, 32, 3)), 32, r"got ndarray \(a preprocessed array goes straight"),
-    (b"a.png", 32, "got bytes"),
+    (b"a.png", 32, "a.png: no such file"),  # a bytes path is a path, as for open()
     ("a.png", 0, "size must be a positive int, got 0"),
     ("a.png", True, "size .* got True"),
     ("a.png", 32.0, "size .* got 32.0"),
