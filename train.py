@@ -1447,6 +1447,269 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
 
 
 # --------------------------------------------------------------------------------------------
+# Linear probe: the paper's few-shot / linear evaluation (big_vision evaluators/fewshot_lsr.py),
+# a closed-form L2-regularised least-squares fit of frozen pre-logits, folded into a Mixer head.
+
+PROBE_L2_GRID = tuple(2.0 ** k for k in range(-10, 21))  # 2^-10 .. 2^20, picked on val/
+PROBE_L2_DEFAULT = 2.0 ** 10  # big_vision's fixed λ, used when there is no validation split
+PROBE_SEEDS = 5  # --shots K: this many draws of K images per class (seeds --seed, --seed + 1...)
+PROBE_BATCH = 64  # images per forward pass while extracting features (default of --batch-size)
+WHITEN_EPS = 1e-5  # fewshot_lsr: (x - mean) / (std + 1e-5)
+BIAS_FEATURE = 100.0  # fewshot_lsr's constant feature: large, so the bias is barely regularised
+FEATURES_FILE = "features.safetensors"
+PROBE_FILE = "probe.json"
+
+
+def whiten(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(x - mean) / (std + 1e-5) with the constant feature 100 appended, in float64."""
+    z = (np.asarray(x, np.float64) - mean) / (std + WHITEN_EPS)
+    return np.concatenate([z, np.full((len(z), 1), BIAS_FEATURE)], axis=1)
+
+
+def ridge_solutions(x: np.ndarray, y: np.ndarray, l2s) -> list[np.ndarray]:
+    """argmin_W |XW - Y|² + λ|W|² for each λ in l2s, from one eigendecomposition: of XᵀX when
+    N >= D, W = (XᵀX + λI)⁻¹XᵀY, else of XXᵀ, W = Xᵀ(XXᵀ + λI)⁻¹Y; either way
+    W = lhs · diag(1 / (eigs + λ)) · rhs."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) >= x.shape[1]:
+        eigs, q = np.linalg.eigh(x.T @ x)
+        lhs, rhs = q, q.T @ (x.T @ y)
+    else:
+        eigs, q = np.linalg.eigh(x @ x.T)
+        lhs, rhs = x.T @ q, q.T @ y
+    return [lhs @ (rhs / (eigs + l2)[:, None]) for l2 in l2s]
+
+
+@dataclasses.dataclass
+class ProbeFit:
+    l2: float  # the chosen λ
+    w: np.ndarray  # (D + 1, C) on whitened features, the last row for the constant feature
+    mean: np.ndarray  # (D,) the training features' statistics
+    std: np.ndarray
+    val_top1: dict | None  # λ -> val top-1 for every λ tried; None without a validation split
+
+
+def fit_probe(features, labels, num_classes: int, l2s, val=None) -> ProbeFit:
+    """The closed-form fit of features (N, D) to labels, targets 2·onehot - 1, λ the one of
+    l2s with the best top-1 on val = (features, labels) (a tie goes to the larger λ), or l2s[0]
+    when there is no val."""
+    features = np.asarray(features, np.float64)
+    mean, std = features.mean(axis=0), features.std(axis=0)
+    ws = ridge_solutions(whiten(features, mean, std), 2 * one_hot(labels, num_classes) - 1, l2s)
+    if val is None:
+        return ProbeFit(l2s[0], ws[0], mean, std, None)
+    x = whiten(val[0], mean, std)
+    top1 = {l2: float(((x @ w).argmax(axis=1) == val[1]).mean()) for l2, w in zip(l2s, ws)}
+    best = max(range(len(l2s)), key=lambda i: (top1[l2s[i]], l2s[i]))
+    return ProbeFit(l2s[best], ws[best], mean, std, top1)
+
+
+def fold_head(fit: ProbeFit) -> tuple[np.ndarray, np.ndarray]:
+    """(head/kernel, head/bias) for raw pre-logits f such that f @ kernel + bias equals
+    whiten(f) @ W: kernel = W[:D] / s, bias = 100·W[D] - (mean / s) @ W[:D], s = std + 1e-5
+    (the whitening's own denominator, so that the fold is exact)."""
+    s = fit.std + WHITEN_EPS
+    kernel = fit.w[:-1] / s[:, None]
+    bias = BIAS_FEATURE * fit.w[-1] - (fit.mean / s) @ fit.w[:-1]
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, pool, progress,
+                     what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logits of `files` (mixer.preprocess at the model's size and resize), batch_size at a
+    time, decoded by `pool` while the model runs on the batch before.
+    -> (features (N, D) float32, ok (N,) bool: False where a file could not be decoded)."""
+    size, resize = model.config.image_size, model.preprocessing.get("resize", "crop")
+
+    def decode(path):
+        try:
+            return mixer.preprocess(path, size=size, resize=resize)
+        except (OSError, MixerError):  # changed or damaged since the scan: left out
+            return None
+    n = len(files)
+    features = np.zeros((n, model.config.hidden_dim), np.float32)
+    ok = np.zeros(n, bool)
+    chunks = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    pending, start = collections.deque(), time.perf_counter()
+    for c, chunk in enumerate(chunks):
+        while len(pending) < 3 and c + len(pending) < len(chunks):
+            pending.append([pool.submit(decode, files[i]) for i in chunks[c + len(pending)]])
+        images = [f.result() for f in pending.popleft()]
+        good = [i for i, im in zip(chunk, images) if im is not None]
+        if good:
+            features[good] = model.features(np.stack([im for im in images if im is not None]))
+            ok[good] = True
+        rate = chunk.stop / max(time.perf_counter() - start, 1e-9)
+        progress(f"{what} features: {chunk.stop}/{n} images ({rate:.0f}/s)",
+                 keep=chunk.stop == n)
+    return features, ok
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with mixer._open_regular(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _probe_features(run_dir, key, model, splits, batch_size, pool, console) -> dict:
+    """{split name: (features, ok)}, read from RUN_DIR/features.safetensors when it was made
+    with the same weights, images and preprocessing (`key`), else extracted and saved there."""
+    path = os.path.join(run_dir, FEATURES_FILE)
+    if os.path.exists(path):
+        try:
+            tensors, metadata = mixer.read_safetensors(path)
+            if metadata.get("probe.key") == json.dumps(key, sort_keys=True):
+                found = {name: (mixer.as_float32(tensors[f"{name}/features"]),
+                                mixer.as_float32(tensors[f"{name}/ok"]) > 0.5)
+                         for name in splits}
+                if all(f.shape == (len(splits[name].files), model.config.hidden_dim)
+                       and np.isfinite(f).all() for name, (f, _) in found.items()):
+                    console.say(f"features read from {path}")
+                    return found
+        except (MixerError, KeyError):  # damaged or foreign: made again below
+            pass
+    found = {name: extract_features(model, split.files, batch_size, pool, console.progress, name)
+             for name, split in splits.items()}
+    tensors = {f"{name}/{part}": a.astype(np.float32) for name, (f, ok) in found.items()
+               for part, a in (("features", f), ("ok", ok))}
+    mixer.write_safetensors(path, tensors, {"format": "mixer-probe-features",
+                                            "probe.key": json.dumps(key, sort_keys=True)})
+    return found
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    run_dir: str
+    l2: float  # λ of the written head
+    val_top1: list[float] | None  # one per seed (one without --shots); None without val/
+    model: mixer.Mixer  # best.safetensors: the backbone with the fitted head, numpy backend
+
+
+def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
+                 val_fraction=None, out=None, backend=None, workers=None, batch_size=None,
+                 quiet=False) -> ProbeResult:
+    """Fits the paper's linear probe on the frozen pre-logits of `weights` (any backend; the
+    default one when None) and writes RUN_DIR/best.safetensors: the same backbone with the
+    fitted head and the class names. The features are kept in RUN_DIR/features.safetensors: a
+    later probe with the same --out and the same weights and images fits again without
+    extracting them (another --l2 or --shots)."""
+    if data_dir is None or weights is None:
+        raise MixerError("--linear-probe needs DATA_DIR and --weights FILE (the frozen model)")
+    if l2 is not None and not (math.isfinite(l2) and l2 > 0):
+        raise MixerError(f"--l2 must be a finite positive number, got {l2}")
+    if shots is not None and shots < 1:
+        raise MixerError(f"--shots must be at least 1, got {shots}")
+    _check_values({"seed": seed, "workers": workers, "batch_size": batch_size})
+    seed = 0 if seed is None else seed
+    with _StopRequest(), contextlib.ExitStack() as cleanup:
+        owner = _claim_probe_dir(out)
+        cleanup.callback(owner.release)
+        console = Console(enabled=not quiet)
+        pool = concurrent.futures.ThreadPoolExecutor(workers or min(8, os.cpu_count()))
+        cleanup.callback(pool.shutdown, wait=True, cancel_futures=True)
+        classes, train_split, val_split = scan(data_dir, val_fraction, seed, pool, console.say)
+        if shots is not None:
+            if val_split is None:
+                raise MixerError("--shots scores each draw on the validation split, and there "
+                                 "is none: add DATA_DIR/val/ or give --val-fraction above 0")
+            _check_shots(shots, train_split.labels, classes)
+        model = mixer.load(weights, backend=backend)
+        splits = {"train": train_split, **({"val": val_split} if val_split else {})}
+        key = {"weights": _file_digest(weights), "image_size": model.config.image_size,
+               "resize": model.preprocessing.get("resize", "crop"),
+               **{name: _digest(data_dir, split) for name, split in splits.items()}}
+        console.say(f"{len(train_split.files)} training images in {len(classes)} classes, "
+                    f"{len(val_split.files) if val_split else 'no'} validation images; "
+                    f"features of {os.path.basename(weights)} at {model.config.image_size}px "
+                    f"on {model.backend}; writing {owner.path}")
+        found = _probe_features(owner.path, key, model, splits, batch_size or PROBE_BATCH, pool,
+                                console)
+        keep = found["train"][1]
+        features, labels = found["train"][0][keep], train_split.labels[keep]
+        val = None
+        if val_split is not None:
+            val = (found["val"][0][found["val"][1]], val_split.labels[found["val"][1]])
+        if shots:  # again: an image that failed to decode is not there to draw
+            _check_shots(shots, labels, classes)
+        l2s = [l2] if l2 is not None else list(PROBE_L2_GRID) if val else [PROBE_L2_DEFAULT]
+        fits = []
+        for draw in range(PROBE_SEEDS if shots else 1):
+            pick = np.arange(len(labels))
+            if shots:
+                rng = np.random.default_rng([seed + draw, 3])
+                pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), shots,
+                                                          replace=False)
+                                               for c in range(len(classes))]))
+            fits.append(fit_probe(features[pick], labels[pick], len(classes), l2s, val))
+        fit = fits[0]  # with --shots: the first seed's head is the one written
+        kernel, bias = fold_head(fit)
+        params = model.numpy_params()
+        params["head/kernel"], params["head/bias"] = kernel, bias
+        config = dataclasses.replace(model.config, num_classes=len(classes))
+        probe = mixer.Mixer(config, params, backend="numpy", labels=classes,
+                            preprocessing=model.preprocessing)
+        probe.save(os.path.join(owner.path, "best.safetensors"),
+                   source=f"linear probe on {os.path.basename(weights)}")
+        top1 = [f.val_top1[f.l2] for f in fits] if val else None
+        record = {"weights": os.path.abspath(weights), "data_dir": os.path.abspath(data_dir),
+                  "classes": classes, "num_train": int(len(labels)),
+                  "num_val": int(len(val[1])) if val else 0, "shots": shots,
+                  "seeds": [seed + d for d in range(len(fits))], "l2": [f.l2 for f in fits],
+                  "val_top1": top1,
+                  "val_top1_by_l2": [{str(k): v for k, v in f.val_top1.items()} if val else None
+                                     for f in fits]}
+        with mixer.atomic_write(os.path.join(owner.path, PROBE_FILE)) as f:
+            f.write((json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
+        how = "λ fixed by --l2" if l2 is not None else "λ picked on val/ from 2^-10..2^20" \
+            if val else f"λ = 2^10 (big_vision's; no validation split to pick one on)"
+        if top1 is None:
+            console.say(f"no validation split: nothing to score; {how}")
+        elif shots:
+            console.say(f"{shots}-shot val top-1 over {len(fits)} seeds: mean "
+                        f"{np.mean(top1):.4f}, std {np.std(top1):.4f} "
+                        f"({', '.join(f'{t:.4f}' for t in top1)}); {how}; best.safetensors "
+                        f"is seed {seed}'s (λ = {fit.l2:g})")
+        else:
+            console.say(f"val top-1 {top1[0]:.4f} at λ = {fit.l2:g} ({how})")
+        console.say(f"wrote {os.path.join(owner.path, 'best.safetensors')}")
+        return ProbeResult(owner.path, fit.l2, top1, probe)
+
+
+def _check_shots(shots: int, labels: np.ndarray, classes: list[str]) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    if counts.min() < shots:
+        raise MixerError(f"--shots {shots}: the class {classes[counts.argmin()]!r} has only "
+                         f"{counts.min()} training images")
+
+
+def _claim_probe_dir(out) -> _RunDir:
+    """An earlier probe's RUN_DIR (it holds features, and no training state) is taken again, to
+    reuse its features; anything else is claimed as a new run's."""
+    if out is not None and os.path.isdir(out):
+        names = set(os.listdir(out))
+        if FEATURES_FILE in names and STATE_FILE not in names:
+            return _RunDir.claim_existing(out)
+    return _RunDir.claim_new(out)
+
+
+# Options that mean something to --linear-probe; any other is refused with it.
+PROBE_OPTIONS = {"data_dir", "weights", "l2", "shots", "seed", "val_fraction", "out", "backend",
+                 "workers", "batch_size"}
+
+
+def _probe_main(options: dict) -> int:
+    other = sorted(k for k, v in options.items() if k not in PROBE_OPTIONS and v not in
+                   (None, False))
+    if other:
+        raise MixerError(f"--linear-probe fits a head on frozen features: "
+                         f"--{other[0].replace('_', '-')} does not apply to it")
+    linear_probe(**{k: v for k, v in options.items() if k in PROBE_OPTIONS})
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Throughput, for bench.py.
 
 
@@ -1512,8 +1775,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out share of train when DATA_DIR has no val/ (default 0.1)")
     run.add_argument("--out", metavar="RUN_DIR", help="default runs/<timestamp>")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    run.add_argument("--backend", choices=sorted(TRAIN_BACKENDS),
-                     help="default: MIXER_BACKEND, else mlx if installed, else tinygrad")
+    run.add_argument("--backend", choices=sorted({*TRAIN_BACKENDS, "numpy"}),
+                     help="default: MIXER_BACKEND, else mlx if installed, else tinygrad "
+                          "(numpy: --linear-probe only)")
     run.add_argument("--eval-every", type=int,
                      help="evaluate and checkpoint every N steps (default: 10 times a run)")
     run.add_argument("--log-every", type=int, help="steps per metrics record (default 10)")
@@ -1521,14 +1785,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decode-cache-mib", type=int, metavar="MIB",
                      help="memory for decoded images kept between epochs, per process "
                           "(default 1024; 0: none)")
+    probe = parser.add_argument_group("linear probe (the paper's few-shot / linear evaluation)")
+    probe.add_argument("--linear-probe", action="store_true",
+                       help="fit only a head, in closed form, on the frozen features of --weights")
+    probe.add_argument("--l2", type=float, metavar="LAMBDA",
+                       help="the ridge penalty (default: the best of 2^-10..2^20 on val/)")
+    probe.add_argument("--shots", type=int, metavar="K",
+                       help=f"K training images per class, {PROBE_SEEDS} draws (seeds --seed...)")
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    options = vars(build_parser().parse_args(argv))
+    probe = {k: options.pop(k) for k in ("linear_probe", "l2", "shots")}
 
     def body():
-        return 130 if train(**vars(args)).interrupted else 0
+        if probe.pop("linear_probe"):
+            return _probe_main({**options, **probe})
+        if any(v is not None for v in probe.values()):
+            raise MixerError("--l2 and --shots go with --linear-probe")
+        return 130 if train(**options).interrupted else 0
     return mixer.run_main("train", body)
 
 
