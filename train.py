@@ -1775,9 +1775,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out share of train when DATA_DIR has no val/ (default 0.1)")
     run.add_argument("--out", metavar="RUN_DIR", help="default runs/<timestamp>")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    run.add_argument("--backend", choices=sorted({*TRAIN_BACKENDS, "numpy"}),
-                     help="default: MIXER_BACKEND, else mlx if installed, else tinygrad "
-                          "(numpy: --linear-probe only)")
+    run.add_argument("--backend", choices=sorted(TRAIN_BACKENDS),
+                     help="default: MIXER_BACKEND, else mlx if installed, else tinygrad")
     run.add_argument("--eval-every", type=int,
                      help="evaluate and checkpoint every N steps (default: 10 times a run)")
     run.add_argument("--log-every", type=int, help="steps per metrics record (default 10)")
