@@ -2341,13 +2341,89 @@ def _decode_ahead(images, batch_size: int, decode):
 
 
 # --------------------------------------------------------------------------------------------
+# Pictures: the token-mixing weights, as in the paper's Figure 5.
+
+SHOW_BLOCKS = 2  # the paper shows the first three; two keep a B/16 picture under 1000 x 500 px
+SHOW_UNITS = 64  # of D_S (384 for B/16): the first 64 in kernel order, 4 rows of 16
+SHOW_COLUMNS = 16  # units per row
+SHOW_TILE = 56  # target side of one unit in pixels: 14x14 tokens at 4 px, 7x7 at 8 px
+SHOW_PAD = 4  # pixels around the picture and between blocks
+SHOW_LABEL = 14  # height of the band above each block holding its label
+SHOW_GAP = 1  # pixels between units
+SHOW_BACKGROUND = (128, 128, 128)  # grey: white is a weight of 0
+
+
+def diverging_rgb(t: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) for t in [-1, 1]: blue (-1), white (0), red (+1), linear between."""
+    t = np.clip(np.asarray(t, np.float64), -1, 1)
+    rgb = np.stack([1 - np.maximum(-t, 0), 1 - np.abs(t), 1 - np.maximum(t, 0)], axis=-1)
+    return np.rint(255 * rgb).astype(np.uint8)
+
+
+def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = SHOW_UNITS,
+                 cell: int | None = None) -> tuple[int, int]:
+    """Draws the first token-mixing Dense of the first `blocks` Mixer blocks to the PNG `path`
+    (written atomically) and returns its (width, height), as in the paper's Figure 5.
+
+    That Dense's kernel is (S, D_S): column u is what hidden unit u weighs each of the S = g x g
+    patch positions with, so each unit is drawn as a g x g map of its weights (row-major, as the
+    patches are ordered), each position a square of `cell` pixels (default: 56 // g, at least 1,
+    at most 8). Colour is blue for negative, white for 0, red for positive, each unit scaled by
+    its own max |w| (so only the pattern compares between units, not the magnitude). The first
+    `units` units of each block are drawn (default 64; the paper's figure shows every unit, in
+    pairs sorted by frequency, which this does not attempt), SHOW_COLUMNS per row with
+    SHOW_GAP pixels between them, on a grey ground. Each block is one band: a SHOW_LABEL-pixel
+    label ("block 0 ...") then its rows of units. Blocks and units beyond the model's are left
+    out. Size: width 2 * SHOW_PAD + c * tile + (c - 1) * SHOW_GAP with c = min(units,
+    SHOW_COLUMNS) and tile = g * cell; height SHOW_PAD plus, per block, SHOW_LABEL + r * tile
+    + (r - 1) * SHOW_GAP + SHOW_PAD with r = ceil(units / SHOW_COLUMNS)."""
+    if not isinstance(model, Mixer):
+        raise MixerError(f"show_weights() draws a mixer.Mixer, got {type(model).__name__}")
+    blocks = min(_positive_int(blocks, "blocks"), model.config.num_blocks)
+    ds = model.config.tokens_mlp_dim
+    units = min(_positive_int(units, "units"), ds)
+    g = math.isqrt(model.config.num_tokens)
+    cell = max(1, min(8, SHOW_TILE // g)) if cell is None else _positive_int(cell, "cell")
+    tile = g * cell
+    columns, rows = min(units, SHOW_COLUMNS), -(-units // SHOW_COLUMNS)
+    band = SHOW_LABEL + rows * tile + (rows - 1) * SHOW_GAP + SHOW_PAD
+    width = 2 * SHOW_PAD + columns * tile + (columns - 1) * SHOW_GAP
+    height = SHOW_PAD + blocks * band
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = SHOW_BACKGROUND
+    for b in range(blocks):
+        kernel = model._ops.numpy(model.params[f"MixerBlock_{b}/token_mixing/Dense_0/kernel"])
+        kernel = np.asarray(kernel, np.float64)[:, :units]  # (S, units)
+        scale = np.abs(kernel).max(axis=0)
+        t = kernel / np.where(scale > 0, scale, 1)  # a unit of zeros is all white
+        maps = diverging_rgb(t.T.reshape(units, g, g))  # (units, g, g, 3): token i*g + j at (i, j)
+        maps = maps.repeat(cell, axis=1).repeat(cell, axis=2)  # nearest-neighbour upscaling
+        top = SHOW_PAD + b * band + SHOW_LABEL
+        for u in range(units):
+            y = top + (u // SHOW_COLUMNS) * (tile + SHOW_GAP)
+            x = SHOW_PAD + (u % SHOW_COLUMNS) * (tile + SHOW_GAP)
+            canvas[y:y + tile, x:x + tile] = maps[u]
+    Image, _ = _import_pil()
+    from PIL import ImageDraw
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    for b in range(blocks):
+        draw.text((SHOW_PAD, SHOW_PAD + b * band + 1),
+                  f"block {b}: token-mixing units 0-{units - 1} of {ds}, {g}x{g} patches, "
+                  f"blue < 0 < red, each unit scaled to its max |w|", fill=(0, 0, 0))
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
+    return width, height
+
+
+# --------------------------------------------------------------------------------------------
 # Command line.
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixer", description="Classify images with an MLP-Mixer (top-k classes per image).")
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files, or folders: their image files (by extension: "
                              f"{' '.join(e[1:] for e in IMAGE_EXTENSIONS)}), searched "
                              f"recursively, hidden ones skipped, in sorted order")
@@ -2374,6 +2450,15 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print one JSON document")
     output.add_argument("--jsonl", action="store_true",
                         help="print one JSON object per image and line, as each is ready")
+    pictures = parser.add_argument_group("pictures")
+    pictures.add_argument("--show-weights", metavar="OUT.png",
+                          help="instead of classifying: draw the first token-mixing layer of the "
+                               "first blocks, each hidden unit as a map over the patch positions "
+                               "(the paper's Figure 5), to this PNG file")
+    pictures.add_argument("--blocks", type=int,
+                          help=f"with --show-weights: how many blocks (default {SHOW_BLOCKS})")
+    pictures.add_argument("--units", type=int,
+                          help=f"with --show-weights: units per block (default {SHOW_UNITS})")
     return parser
 
 
@@ -2690,14 +2775,47 @@ def _fail(prog: str, message: str, status: int) -> int:
     return status
 
 
+def _show_weights_cli(out, weights, variant, source, backend, dtype, blocks, units) -> str:
+    """--show-weights: the picture written to `out`; returns the line that says so."""
+    if weights is not None and variant is not None:
+        raise MixerError("give --weights FILE or --variant NAME, not both")
+    if weights is None and variant is None:
+        raise MixerError("--show-weights needs --weights FILE.safetensors or --variant NAME")
+    if source is not None and variant is None:
+        raise MixerError("--source picks an official checkpoint: use it with --variant")
+    # validated before a large model is loaded: a mistyped number is a quick error
+    blocks = _positive_int(SHOW_BLOCKS if blocks is None else blocks, "--blocks")
+    units = _positive_int(SHOW_UNITS if units is None else units, "--units")
+    backend = backend or "numpy"  # the weights are only read: numpy needs no start-up
+    model = (_cli_pretrained(variant, source, backend, dtype) if variant is not None else
+             load(weights, backend=backend, dtype=dtype))
+    width, height = show_weights(model, out, blocks=blocks, units=units)
+    return f"wrote {_printable(os.fspath(out))} ({width}x{height})\n"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    picture = {k: getattr(args, k) for k in ("show_weights", "blocks", "units")}
+    for k in picture:
+        delattr(args, k)
+    if picture["show_weights"] is None and not args.images:
+        parser.error("the following arguments are required: IMAGE (or --show-weights OUT.png)")
 
     def write(text):
         sys.stdout.write(text)
         sys.stdout.flush()  # each result as it is ready; flushed here: a closed pipe is caught
 
     def body():
+        if picture["show_weights"] is not None:
+            if args.images:
+                raise MixerError("--show-weights draws the weights; give no IMAGE with it")
+            write(_show_weights_cli(picture["show_weights"], args.weights, args.variant,
+                                    args.source, args.backend, args.dtype, picture["blocks"],
+                                    picture["units"]))
+            return 0
+        if picture["blocks"] is not None or picture["units"] is not None:
+            raise MixerError("--blocks and --units go with --show-weights")
         skipped = _classify_cli(**vars(args), write=write)
         return 2 if skipped else 0
     return run_main("mixer", body)

@@ -1096,8 +1096,9 @@ class _RunDir:
         if self.new and not self.saved():
             # the run saved nothing to use or resume: what it wrote goes, and the folder if it
             # made it (the folder was empty when the run took it)
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.path, "metrics.jsonl"))
+            for name in ("metrics.jsonl", "curves.png"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.path, name))
             self._unlock(remove=True)
             if self.created:
                 with contextlib.suppress(OSError):
@@ -1412,6 +1413,8 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
                                             f"step {step}, val top-1 {val_top1:.4f}")
         if record is not None and xp.rank == 0:
             _append_jsonl(metrics_path, record)
+            if evaluate_now:
+                _refresh_curves(metrics_path, os.path.join(run_dir, "curves.png"), say)
         # progress from the first step of the process on (a CPU may take minutes per step),
         # then at every record; metrics.jsonl keeps its --log-every schedule
         if record is not None or step == start + 1:
@@ -1707,6 +1710,125 @@ def _probe_main(options: dict) -> int:
                          f"--{other[0].replace('_', '-')} does not apply to it")
     linear_probe(**{k: v for k, v in options.items() if k in PROBE_OPTIONS})
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# RUN_DIR/curves.png: the run at a glance, redrawn at each evaluation.
+
+CURVES_SIZE = (640, 400)
+CURVES_COLOURS = {"loss": (31, 119, 180), "lr": (255, 127, 14), "val": (44, 160, 44),
+                  "axes": (0, 0, 0), "grid": (225, 225, 225)}
+# the two panels' plotting areas (left, top, right, bottom), room left for tick labels
+CURVES_PANELS = ((60, 22, 570, 200), (60, 242, 570, 370))
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round values (1, 2 or 5 times a power of ten apart) inside [lo, hi], about `count`."""
+    raw = (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step)
+    return [k * step for k in range(first, math.floor(hi / step) + 1)]
+
+
+def _limits(values) -> tuple[float, float]:
+    """The range drawn for `values`: theirs, widened by 5% (a flat series by 1 or 10%)."""
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        pad = abs(lo) * 0.1 or 1.0
+    else:
+        pad = (hi - lo) * 0.05
+    return lo - pad, hi + pad
+
+
+def _draw_panel(draw, box, xlim, series, left_label, right_label=None) -> None:
+    """One panel: frame, x ticks, and each (xs, ys, colour, side) of `series` scaled to its
+    own y range, its ticks on its side of the frame ("left" or "right")."""
+    x0, y0, x1, y1 = box
+    colours = CURVES_COLOURS
+    draw.rectangle(box, outline=colours["axes"])
+
+    def px(x):
+        return x0 + (x - xlim[0]) / (xlim[1] - xlim[0]) * (x1 - x0)
+
+    for tick in _nice_ticks(*xlim):
+        draw.line([(px(tick), y1), (px(tick), y1 + 3)], fill=colours["axes"])
+        text = f"{tick:g}"
+        draw.text((px(tick) - draw.textlength(text) / 2, y1 + 5), text, fill=colours["axes"])
+    draw.text((x0, y0 - 14), left_label[0], fill=left_label[1])
+    if right_label is not None:
+        draw.text((x1 - draw.textlength(right_label[0]), y0 - 14), right_label[0],
+                  fill=right_label[1])
+    for xs, ys, colour, side in series:
+        ylim = _limits(ys)
+
+        def py(y, ylim=ylim):
+            return y1 - (y - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0)
+
+        for tick in _nice_ticks(*ylim):
+            text = f"{tick:.3g}"
+            if side == "left":
+                draw.line([(x0 + 1, py(tick)), (x1 - 1, py(tick))], fill=colours["grid"])
+                draw.text((x0 - 5 - draw.textlength(text), py(tick) - 6), text, fill=colour)
+            else:
+                draw.text((x1 + 5, py(tick) - 6), text, fill=colour)
+        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points if len(points) < 40 else []:  # sparse series: each value marked
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+
+
+def _finite(value) -> bool:
+    """Whether value is a finite number of a record (json.loads also reads NaN and Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _draw_curves(metrics_path: str, png_path: str) -> None:
+    """Draws metrics.jsonl to png_path (written atomically), CURVES_SIZE pixels: the top panel
+    the training loss (left axis) and the learning rate (right axis), the bottom one the
+    validation top-1 in percent, both against steps. Lines that are not records are passed
+    over; an empty file draws empty panels."""
+    from PIL import Image, ImageDraw
+
+    with mixer._open_regular(metrics_path, what="a metrics file") as f:
+        data = f.read()
+    records = []
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            continue
+        if isinstance(record, dict) and _finite(record.get("step")):
+            records.append(record)
+    train = [r for r in records if _finite(r.get("loss")) and _finite(r.get("lr"))]
+    val = [r for r in records if _finite(r.get("val_top1"))]
+    img = Image.new("RGB", CURVES_SIZE, "white")
+    draw = ImageDraw.Draw(img)
+    colours = CURVES_COLOURS
+    steps = [r["step"] for r in train + val]
+    xlim = (0, max(steps)) if steps and max(steps) > 0 else (0, 1)
+    top, bottom = CURVES_PANELS
+    series = [([r["step"] for r in train], [r["loss"] for r in train], colours["loss"], "left"),
+              ([r["step"] for r in train], [r["lr"] for r in train], colours["lr"], "right")]
+    _draw_panel(draw, top, xlim, series if train else [], ("training loss", colours["loss"]),
+                ("learning rate", colours["lr"]))
+    series = [([r["step"] for r in val], [100 * r["val_top1"] for r in val], colours["val"],
+               "left")]
+    _draw_panel(draw, bottom, xlim, series if val else [],
+                ("validation top-1 (%)" + ("" if val else ": no evaluation yet"), colours["val"]))
+    draw.text((bottom[2] - draw.textlength("step"), bottom[3] + 16), "step", fill=colours["axes"])
+    with mixer.atomic_write(png_path) as f:
+        img.save(f, format="PNG")
+
+
+def _refresh_curves(metrics_path: str, png_path: str, say) -> None:
+    """_draw_curves for the training loop: a picture that cannot be written (a full disk, a
+    folder in its place) is one line, and training goes on."""
+    try:
+        _draw_curves(metrics_path, png_path)
+    except MixerError as e:
+        say(f"curves.png not refreshed: {e}")
 
 
 # --------------------------------------------------------------------------------------------

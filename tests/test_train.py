@@ -263,9 +263,14 @@ def test_finetune_reaches_90_percent(finetuned, dataset):
 
 def test_run_dir_outputs(finetuned, dataset):
     _, result, log = finetuned
-    assert sorted(os.listdir(result.run_dir)) == ["best.safetensors", "last.safetensors",
-                                                  "metrics.jsonl", "state.safetensors",
-                                                  "train.lock"]
+    assert sorted(os.listdir(result.run_dir)) == ["best.safetensors", "curves.png",
+                                                  "last.safetensors", "metrics.jsonl",
+                                                  "state.safetensors", "train.lock"]
+    # curves.png, redrawn at the last evaluation, shows the validation top-1 curve
+    curves = Image.open(os.path.join(result.run_dir, "curves.png"))
+    assert curves.format == "PNG" and curves.size == train.CURVES_SIZE
+    val_colour = np.asarray(curves.convert("RGB")) == train.CURVES_COLOURS["val"]
+    assert val_colour.all(axis=-1).sum() > 100
     records = read_metrics(result.run_dir)
     assert [r["step"] for r in records] == list(range(5, 41, 5))
     for r in records:
@@ -446,9 +451,9 @@ def test_two_mlx_processes_match_one(dataset, tmp_path):
         np.testing.assert_allclose(ranks[0][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
     assert reports[0]["val_top1"] == reports[1]["val_top1"] == single.val_top1
     # only rank 0 wrote the run directory, with the usual files
-    assert sorted(os.listdir(tmp_path / "dist")) == ["best.safetensors", "last.safetensors",
-                                                      "metrics.jsonl", "state.safetensors",
-                                                      "train.lock"]
+    assert sorted(os.listdir(tmp_path / "dist")) == ["best.safetensors", "curves.png",
+                                                      "last.safetensors", "metrics.jsonl",
+                                                      "state.safetensors", "train.lock"]
 
 
 # --------------------------------------------------------------------------------------------

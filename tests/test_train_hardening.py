@@ -126,7 +126,7 @@ def test_existing_out_folder(data, tmp_path, capsys, content, message):
     code, err = cli(capsys, data, *TINY, "--steps", "1", "--val-fraction", "0", "--out", out)
     if message is None:
         assert code == 0, err
-        assert sorted(os.listdir(out)) == ["last.safetensors", "metrics.jsonl",
+        assert sorted(os.listdir(out)) == ["curves.png", "last.safetensors", "metrics.jsonl",
                                            "state.safetensors", "train.lock"]
     else:
         assert_refused(code, err, message)
