@@ -1016,9 +1016,9 @@ class _RunDir:
         self.lock = self._lock()
 
     @classmethod
-    def claim_new(cls, out: str | None) -> "_RunDir":
+    def claim_new(cls, out: str | None, suffix: str = "") -> "_RunDir":
         if out is None:
-            base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + suffix)
             _make_parent(base)
             for n in itertools.count(1):
                 path = base if n == 1 else f"{base}-{n}"
@@ -1857,6 +1857,249 @@ def train_throughput(backend: str, variant: str = "S/32", batch_size: int = 32, 
 
 
 # --------------------------------------------------------------------------------------------
+# Evaluation of any weights file on a labelled folder (--eval-only).
+
+EVAL_JSON, CONFUSION_PNG = "eval.json", "confusion.png"
+EVAL_BATCH = 32  # images per forward (Mixer.classify's default)
+CONFUSION_MAX = 40  # classes drawn in confusion.png; with more, the most confused ones
+CELL = 18  # pixels per confusion cell: room for a class name of the default font beside it
+NAME_CHARS = 28  # longer class names are shortened on the picture (eval.json has them whole)
+MARGIN = 8
+HEAT = (8, 48, 107)  # the colour of a row-normalised count of 1; 0 is white
+
+
+def eval_folder(data_dir: str) -> str:
+    """The folder whose class sub-folders are scored: DATA_DIR/val if there is one (a training
+    layout), else DATA_DIR/train (then the training images are scored, said on stderr), else
+    DATA_DIR itself (e.g. an ImageNet validation folder of WordNet id folders)."""
+    if not os.path.isdir(data_dir):
+        raise MixerError(f"{data_dir} is not a directory: give a folder of class folders")
+    for split in ("val", "train"):
+        if os.path.isdir(os.path.join(data_dir, split)):
+            return os.path.join(data_dir, split)
+    return data_dir
+
+
+def _loose(name: str) -> str:
+    """A class name compared without case, underscores or repeated spaces ("Golden_retriever"
+    finds "golden retriever")."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def imagenet1k_wnids() -> list[str] | None:
+    """The 1000 ILSVRC-2012 WordNet ids in class order (sorted), or None without labels/."""
+    for folder in mixer.labels_dirs():
+        path = os.path.join(folder, "imagenet1k_wnids.txt")
+        if os.path.isfile(path):
+            return mixer.read_labels(path)
+    return None
+
+
+def match_classes(folders: list[str], labels: list[str], wnids: list[str] | None = None):
+    """Class folders -> the model's classes: ({folder: class index}, {folder: why not}).
+
+    A folder matches the class of the same name; failing that, the one name equal to it up to
+    case, underscores and spaces; failing that, with `wnids` (a 1000-class head, which is in
+    ILSVRC-2012 order), a WordNet id folder (n01440764) matches its rank among the sorted ids.
+    A name that several classes share (ImageNet's two "crane"s) matches none of them."""
+    tables = [{}, {}]
+    for i, label in enumerate(labels):
+        tables[0].setdefault(label, []).append(i)
+        tables[1].setdefault(_loose(label), []).append(i)
+    by_wnid = {w: i for i, w in enumerate(wnids or [])}
+    matched, unmatched = {}, {}
+    for folder in folders:
+        for table, key in zip(tables, (folder, _loose(folder))):
+            hits = table.get(key, [])
+            if len(hits) == 1:
+                matched[folder] = hits[0]
+                break
+            if hits:
+                unmatched[folder] = f"names {len(hits)} classes of the model (ambiguous)"
+                break
+        else:
+            if folder in by_wnid:
+                matched[folder] = by_wnid[folder]
+            else:
+                unmatched[folder] = "matches no class of the model"
+    return matched, unmatched
+
+
+@dataclasses.dataclass
+class EvalResult:
+    run_dir: str
+    report: dict  # what eval.json holds
+    confusion: np.ndarray  # (K, K) counts, true class x predicted class
+    classes: list[int]  # the model's class index of each row and column
+
+
+def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
+                     quiet=False) -> EvalResult:
+    """Scores a weights file on DATA_DIR's labelled images (see eval_folder and match_classes)
+    and writes RUN_DIR/eval.json and RUN_DIR/confusion.png; prints a summary on stdout."""
+    if data_dir is None or weights is None:
+        raise MixerError("--eval-only scores --weights FILE on DATA_DIR: give both")
+    batch_size = mixer._positive_int(EVAL_BATCH if batch_size is None else batch_size,
+                                     "--batch-size")
+    console = Console(enabled=not quiet)
+    folder = eval_folder(data_dir)
+    if os.path.basename(folder) == "train" and folder != data_dir:
+        console.say(f"{data_dir} has no val/: scoring the training images in {folder}")
+    model = mixer.load(weights, backend=backend)
+    n = model.config.num_classes
+    if n is None:
+        raise MixerError(f"{weights} has no head: nothing to evaluate")
+    # a file without names: its 1000 or 21843 ImageNet names, else the class indices as names
+    labels = model.labels or mixer.find_labels("auto", n) or [str(i) for i in range(n)]
+    folders = _folders(folder)
+    matched, unmatched = match_classes(folders, labels, imagenet1k_wnids() if n == 1000 else None)
+    if not matched:  # one line, not one per folder
+        raise MixerError(f"no class folder of {folder} matches a class of {weights} "
+                         f"({len(folders)} folders; the model's classes are e.g. "
+                         f"{', '.join(repr(x) for x in labels[:3])})")
+    for name, why in unmatched.items():
+        console.say(f"skipping {os.path.join(folder, name)}: {why}")
+    files, truth = [], []
+    for name, c in matched.items():
+        class_dir = os.path.join(folder, name)
+        paths = [os.path.join(class_dir, f) for f in _listdir(class_dir)
+                 if not f.startswith(".") and os.path.isfile(os.path.join(class_dir, f))]
+        files += paths
+        truth += [c] * len(paths)
+    if not files:
+        raise MixerError(f"the matched class folders of {folder} hold no files")
+
+    owner = _RunDir.claim_new(out, suffix="-eval")
+    try:
+        result = _score(model, files, np.array(truth), labels, matched, batch_size, console,
+                        owner.path)
+        result.report.update(weights=os.path.abspath(weights), data=os.path.abspath(folder),
+                             unmatched_folders=sorted(unmatched))
+        _write_eval(result, labels)
+    except BaseException:
+        # a run that wrote nothing whole leaves nothing (release() removes what it made)
+        for name in (EVAL_JSON, CONFUSION_PNG):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(owner.path, name))
+        owner.release()
+        raise
+    owner._unlock(remove=True)
+    _print_summary(result, labels)
+    return result
+
+
+def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -> EvalResult:
+    """Classifies every file (Mixer.classify's path: the weights file's preprocessing, decoding
+    threads) and counts; unreadable files are reported and left out."""
+    k = min(5, model.config.num_classes)
+    start = time.perf_counter()
+    top, bad = [], []
+    with contextlib.closing(model._classify_each(files, k, batch_size, None, False)) as each:
+        for i, _, row in each:
+            if isinstance(row, MixerError):
+                bad.append(i)
+            else:
+                top.append([c for c, _, _ in row])
+            if (i + 1) % (16 * batch_size) == 0:
+                console.progress(f"{i + 1}/{len(files)} images")
+    if bad:
+        shown = "; ".join(files[i] for i in bad[:3])
+        console.say(f"skipped {len(bad)} unreadable file{'s' * (len(bad) > 1)} ({shown}"
+                    f"{'; ...' if len(bad) > 3 else ''})")
+    good = np.setdiff1d(np.arange(len(files)), bad)
+    if not len(good):
+        raise MixerError("no image could be decoded")
+    top, truth = np.array(top, np.int64), truth[good]
+    hit1, hitk = top[:, 0] == truth, (top == truth[:, None]).any(axis=1)
+    classes = sorted(set(truth.tolist()) | set(top[:, 0].tolist()))
+    row = {c: j for j, c in enumerate(classes)}
+    confusion = np.zeros((len(classes), len(classes)), np.int64)
+    np.add.at(confusion, ([row[c] for c in truth], [row[c] for c in top[:, 0]]), 1)
+    folders_of = {}
+    for name, c in matched.items():
+        folders_of.setdefault(c, []).append(name)
+    per_class = [{"index": c, "label": labels[c], "folders": folders_of[c],
+                  "images": int((truth == c).sum()), "correct": int(hit1[truth == c].sum()),
+                  "top1": float(hit1[truth == c].mean())}
+                 for c in sorted(set(truth.tolist()))]
+    report = {"images": int(len(good)), "skipped_unreadable": [files[i] for i in bad],
+              "top1": float(hit1.mean()), f"top{k}": float(hitk.mean()), "top_k": k,
+              "per_class": per_class,
+              "confusion": {"classes": classes, "labels": [labels[c] for c in classes],
+                            "rows": "true class", "columns": "predicted class",
+                            "matrix": confusion.tolist()},
+              "backend": model.backend, "seconds": round(time.perf_counter() - start, 3)}
+    return EvalResult(run_dir, report, confusion, classes)
+
+
+def _write_eval(result: EvalResult, labels) -> None:
+    matrix, names, note = result.confusion, [labels[c] for c in result.classes], ""
+    if len(names) > CONFUSION_MAX:
+        # the classes with the most errors, as true or as predicted class, in class order
+        errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)
+        keep = np.sort(np.argsort(-errors, kind="stable")[:CONFUSION_MAX])
+        matrix, names = matrix[np.ix_(keep, keep)], [names[j] for j in keep]
+        note = f" (the {CONFUSION_MAX} most confused of {len(result.classes)} classes)"
+    image, _ = draw_confusion(matrix, names, f"top-1 {result.report['top1']:.1%}{note}")
+    with mixer.atomic_write(os.path.join(result.run_dir, CONFUSION_PNG)) as f:
+        image.save(f, format="PNG")
+    with mixer.atomic_write(os.path.join(result.run_dir, EVAL_JSON)) as f:
+        f.write((json.dumps(result.report, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def heat(share: float) -> tuple[int, int, int]:
+    """The colour of a row-normalised count in [0, 1]: white to HEAT."""
+    return tuple(round(255 + share * (c - 255)) for c in HEAT)
+
+
+def draw_confusion(matrix: np.ndarray, names: list[str], title: str):
+    """-> (PIL image, (left, top, cell)): the confusion matrix as a grid of cells coloured by
+    row-normalised counts (heat), true classes down the left, predicted ones along the top;
+    cell (i, j) covers x in [left + j*cell, left + (j+1)*cell), y likewise from top."""
+    Image, _ = mixer._import_pil()
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    names = [mixer._printable(x if len(x) <= NAME_CHARS else x[:NAME_CHARS - 1] + "…")
+             for x in names]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = math.ceil(max(measure.textlength(x, font=font) for x in names + ["true \\ predicted"]))
+    n, line = len(names), CELL
+    left, top = MARGIN + text + 4, MARGIN + 2 * line + text + 4
+    width = max(left + n * CELL, MARGIN + math.ceil(measure.textlength(title, font=font))) + MARGIN
+    image = Image.new("RGB", (width, top + n * CELL + MARGIN), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, MARGIN), title, fill="black", font=font)
+    draw.text((MARGIN, MARGIN + line), "rows: true class, columns: predicted", fill="black",
+              font=font)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    for i, name in enumerate(names):
+        y = top + i * CELL
+        draw.text((left - 4, y + CELL // 2), name, fill="black", font=font, anchor="rm")
+        for j in range(n):
+            x = left + j * CELL
+            draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=heat(float(shares[i, j])))
+        # the column's name, written upwards above it
+        label = Image.new("RGB", (text, CELL), "white")
+        ImageDraw.Draw(label).text((0, CELL // 2), name, fill="black", font=font, anchor="lm")
+        image.paste(label.rotate(90, expand=True), (left + i * CELL, top - 4 - text))
+    return image, (left, top, CELL)
+
+
+def _print_summary(result: EvalResult, labels) -> None:
+    r = result.report
+    k = r["top_k"]
+    print(f"{r['images']} images, {len(r['per_class'])} classes: top-1 {r['top1']:.2%}, "
+          f"top-{k} {r[f'top{k}']:.2%}")
+    worst = sorted((c for c in r["per_class"] if c["top1"] < 1),
+                   key=lambda c: (c["top1"], -c["images"]))[:5]
+    for c in worst:
+        print(f"  {c['top1']:7.2%}  {c['correct']}/{c['images']}  "
+              f"{mixer._printable(c['label'])}")
+    print(f"wrote {mixer._printable(os.path.join(result.run_dir, EVAL_JSON))} and "
+          f"{CONFUSION_PNG}")
+
+
+# --------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -1897,6 +2140,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out share of train when DATA_DIR has no val/ (default 0.1)")
     run.add_argument("--out", metavar="RUN_DIR", help="default runs/<timestamp>")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--eval-only", action="store_true",
+                     help="train nothing: score --weights on DATA_DIR's labelled images (val/, "
+                          "else train/, else DATA_DIR itself) and write RUN_DIR/eval.json and "
+                          "confusion.png (default RUN_DIR runs/<timestamp>-eval)")
     run.add_argument("--backend", choices=sorted(TRAIN_BACKENDS),
                      help="default: MIXER_BACKEND, else mlx if installed, else tinygrad")
     run.add_argument("--eval-every", type=int,
@@ -1916,11 +2163,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _eval_only(args) -> int:
+    """--eval-only: the options that apply to an evaluation, the others refused."""
+    applies = {"data_dir", "weights", "out", "backend", "batch_size", "eval_only"}
+    for k, v in vars(args).items():
+        if k not in applies and v is not None and v is not False:
+            raise MixerError(f"--{k.replace('_', '-')} does not apply to --eval-only (which "
+                             f"takes DATA_DIR, --weights, --out, --backend and --batch-size)")
+    evaluate_weights(args.data_dir, args.weights, backend=args.backend, out=args.out,
+                     batch_size=args.batch_size)
+    return 0
+
+
 def main(argv=None) -> int:
     options = vars(build_parser().parse_args(argv))
     probe = {k: options.pop(k) for k in ("linear_probe", "l2", "shots")}
+    eval_only = options.pop("eval_only")
 
     def body():
+        if eval_only:
+            if any(v is not None and v is not False for v in probe.values()):
+                raise MixerError("--eval-only scores a weights file as it is: drop --linear-probe, "
+                                 "--l2 and --shots (or run the probe, then evaluate its result)")
+            return _eval_only(argparse.Namespace(**options, eval_only=True))
         if probe.pop("linear_probe"):
             return _probe_main({**options, **probe})
         if any(v is not None for v in probe.values()):
