@@ -2331,7 +2331,7 @@ def _decode_ahead(images, batch_size: int, decode):
                 if not chunk:
                     break
                 pending.append([(i, image, pool.submit(outcome, image) if
-                                 isinstance(image, (str, os.PathLike)) else now(image))
+                                 isinstance(image, (str, bytes, os.PathLike)) else now(image))
                                 for i, image in chunk])
             if not pending:
                 return

@@ -1517,34 +1517,27 @@ def fold_head(fit: ProbeFit) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, pool, progress,
+def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, progress,
                      what: str) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logits of `files` (mixer.preprocess at the model's size and resize), batch_size at a
-    time, decoded by `pool` while the model runs on the batch before.
-    -> (features (N, D) float32, ok (N,) bool: False where a file could not be decoded)."""
+    time, decoded ahead by classify's pipeline (mixer._decode_ahead) while the model runs.
+    -> (features (N, D) float32, ok (N,) bool: False where a file could not be decoded, e.g.
+    changed or damaged since the scan)."""
     size, resize = model.config.image_size, model.preprocessing.get("resize", "crop")
-
-    def decode(path):
-        try:
-            return mixer.preprocess(path, size=size, resize=resize)
-        except (OSError, MixerError):  # changed or damaged since the scan: left out
-            return None
     n = len(files)
     features = np.zeros((n, model.config.hidden_dim), np.float32)
     ok = np.zeros(n, bool)
-    chunks = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    pending, start = collections.deque(), time.perf_counter()
-    for c, chunk in enumerate(chunks):
-        while len(pending) < 3 and c + len(pending) < len(chunks):
-            pending.append([pool.submit(decode, files[i]) for i in chunks[c + len(pending)]])
-        images = [f.result() for f in pending.popleft()]
-        good = [i for i, im in zip(chunk, images) if im is not None]
+    start, done = time.perf_counter(), 0
+    for batch in mixer._decode_ahead(files, batch_size, lambda path: mixer.preprocess(
+            path, size=size, resize=resize)):
+        good = [(i, im) for i, _, im in batch if not isinstance(im, MixerError)]
         if good:
-            features[good] = model.features(np.stack([im for im in images if im is not None]))
-            ok[good] = True
-        rate = chunk.stop / max(time.perf_counter() - start, 1e-9)
-        progress(f"{what} features: {chunk.stop}/{n} images ({rate:.0f}/s)",
-                 keep=chunk.stop == n)
+            index = [i for i, _ in good]
+            features[index] = model.features(np.stack([im for _, im in good]))
+            ok[index] = True
+        done += len(batch)
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        progress(f"{what} features: {done}/{n} images ({rate:.0f}/s)", keep=done == n)
     return features, ok
 
 
@@ -1556,7 +1549,7 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _probe_features(run_dir, key, model, splits, batch_size, pool, console) -> dict:
+def _probe_features(run_dir, key, model, splits, batch_size, console) -> dict:
     """{split name: (features, ok)}, read from RUN_DIR/features.safetensors when it was made
     with the same weights, images and preprocessing (`key`), else extracted and saved there."""
     path = os.path.join(run_dir, FEATURES_FILE)
@@ -1573,7 +1566,7 @@ def _probe_features(run_dir, key, model, splits, batch_size, pool, console) -> d
                     return found
         except (MixerError, KeyError):  # damaged or foreign: made again below
             pass
-    found = {name: extract_features(model, split.files, batch_size, pool, console.progress, name)
+    found = {name: extract_features(model, split.files, batch_size, console.progress, name)
              for name, split in splits.items()}
     tensors = {f"{name}/{part}": a.astype(np.float32) for name, (f, ok) in found.items()
                for part, a in (("features", f), ("ok", ok))}
@@ -1627,7 +1620,7 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
                     f"{len(val_split.files) if val_split else 'no'} validation images; "
                     f"features of {os.path.basename(weights)} at {model.config.image_size}px "
                     f"on {model.backend}; writing {owner.path}")
-        found = _probe_features(owner.path, key, model, splits, batch_size or PROBE_BATCH, pool,
+        found = _probe_features(owner.path, key, model, splits, batch_size or PROBE_BATCH,
                                 console)
         keep = found["train"][1]
         features, labels = found["train"][0][keep], train_split.labels[keep]

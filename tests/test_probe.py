@@ -83,7 +83,7 @@ def test_end_to_end_probe_and_feature_cache(setup, monkeypatch):
     calls = []
     extract = train.extract_features
     monkeypatch.setattr(train, "extract_features",
-                        lambda *a, **k: calls.append(a[5]) or extract(*a, **k))
+                        lambda *a, **k: calls.append(a[4]) or extract(*a, **k))
     out = str(root / "run")
     assert train.main([data, "--weights", weights, "--linear-probe", "--out", out]) == 0
     assert calls == ["train", "val"]
