@@ -1364,7 +1364,6 @@ def _check_values(settings: dict) -> None:
 
 def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) -> TrainResult:
     say = console.say
-    say(f"training on {xp.name}, device {xp.ops.device()}")
     classes, train_split, val_split = scan(s["data_dir"], s["val_fraction"], s["seed"], pool,
                                            say)
     digest = _digest(s["data_dir"], train_split)
@@ -1406,7 +1405,8 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
     say(f"{len(train_split.files)} training images in {len(classes)} classes, "
         f"{len(val_split.files) if val_split else 'no'} validation images; "
         f"{config.variant or 'custom'} Mixer at {config.image_size}px from {source}, on "
-        f"{xp.name}" + (f" x {xp.size} processes" if xp.size > 1 else ""))
+        f"{xp.name}" + (f" x {xp.size} processes" if xp.size > 1 else "")
+        + f", device {xp.ops.device()}")
     say(f"{'resuming at step ' + str(start) + ' of ' if start else ''}{steps} steps of "
         f"{batch_size} images ({steps * batch_size / len(train_split.files):.1f} epochs), "
         f"lr {s['lr']}, warmup {s['warmup']}; writing {run_dir}")

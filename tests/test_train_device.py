@@ -149,13 +149,15 @@ def test_dev_without_its_device_is_one_clear_error(tmp_path):
 
 
 def test_training_prints_the_backend_and_device_first(tmp_path):
+    """In the first line, once the data is read (a bad dataset stays one line)."""
     data = make_dataset(tmp_path / "data", {"train": 2})
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         train.train(data_dir=data, backend="mlx", **SMALL, image_size=32, steps=1,
                     batch_size=4, val_fraction=0, out=str(tmp_path / "run"))
     first = err.getvalue().splitlines()[0]
-    assert first == "train: training on mlx, device cpu", first
+    assert first.startswith("train: 8 training images in 4 classes") \
+        and first.endswith(", on mlx, device cpu"), first
 
 
 def test_tinygrad_names_its_device():
@@ -314,3 +316,30 @@ def test_token_mean_accumulates_in_float32(backend, dtype):
         got = ops.numpy(ops.token_mean(x))
     expected = ops.numpy(ops.asarray(np.full((1, 3), 60000.0, np.float32)))  # 60000 in dtype
     np.testing.assert_array_equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# bench.py's peak RSS where there is no /proc (macOS)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's /proc")
+@pytest.mark.parametrize("platform, proc", [("linux", True), ("darwin", False),
+                                            ("freebsd", False)])
+def test_bench_peak_rss_without_proc(monkeypatch, capsys, platform, proc):
+    import builtins
+    import resource
+
+    import bench
+
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(sys, "platform", platform)
+    exec(bench.PEAK_RSS, {"open": builtins.open if proc else no_proc})
+    peak = int(capsys.readouterr().err)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB here, on Linux
+    if proc:
+        with open("/proc/self/status") as f:
+            hwm = [int(line.split()[1]) for line in f if line.startswith("VmHWM")][0]
+        assert 0 < peak == hwm * 1024
+    else:
+        assert peak == (maxrss if platform == "darwin" else maxrss * 1024) > 0
