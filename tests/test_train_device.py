@@ -51,10 +51,10 @@ def test_the_probe_tells_float32_from_tf32():
 def test_mlx_import_asks_mlx_for_float32_and_keeps_a_users_choice(monkeypatch):
     monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
     mixer._import_mlx()
-    assert mixer.os.environ["MLX_ENABLE_TF32"] == "0"
+    assert os.environ["MLX_ENABLE_TF32"] == "0"
     monkeypatch.setenv("MLX_ENABLE_TF32", "1")
     mixer._import_mlx()
-    assert mixer.os.environ["MLX_ENABLE_TF32"] == "1"
+    assert os.environ["MLX_ENABLE_TF32"] == "1"
 
 
 @pytest.mark.parametrize("setting", [None, "0", "1"])
@@ -343,3 +343,24 @@ def test_bench_peak_rss_without_proc(monkeypatch, capsys, platform, proc):
         assert 0 < peak == hwm * 1024
     else:
         assert peak == (maxrss if platform == "darwin" else maxrss * 1024) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# MLX compiles from the second call on
+
+
+def test_mlx_compiles_from_the_second_call(monkeypatch):
+    ops = mixer.MlxOps()
+    ran = []
+
+    def fake_compile(fn):
+        def compiled(*args):
+            ran.append("compiled")
+            return fn(*args)
+        return compiled
+    monkeypatch.setattr(ops.mx, "compile", fake_compile)
+    monkeypatch.setattr(ops, "split_batch", lambda batch, fn: None)
+    run = ops.compile(lambda p, x: x * p)
+    for k in range(3):
+        assert ops.numpy(run(ops.mx.array(2.0), ops.mx.array([1.0, k]))).tolist() == [2.0, 2 * k]
+    assert ran == ["compiled", "compiled"]  # calls 2 and 3
