@@ -250,6 +250,19 @@ def bench_inference(variant, backends, batch_sizes, rounds, seconds, options):
     return rows
 
 
+# Prints the process's peak RSS in bytes on stderr. Linux: VmHWM of the process image itself
+# (ru_maxrss would also count the benchmark's own pages that the child held between fork and
+# exec). Without /proc (macOS): ru_maxrss, which macOS counts in bytes, Linux and BSD in KiB.
+PEAK_RSS = ("import resource, sys\n"
+            "try:\n"
+            "    with open('/proc/self/status') as f:\n"
+            "        peak = [int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM')][0]\n"
+            "except OSError:\n"
+            "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "    peak *= 1 if sys.platform == 'darwin' else 1024\n"
+            "print(peak, file=sys.stderr)\n")
+
+
 def bench_cli(variant, backend, tmp):
     """Wall time of `python mixer.py IMG --weights F` (first and second run) and its peak RSS."""
     config = mixer.VARIANTS[variant]
@@ -267,14 +280,10 @@ def bench_cli(variant, backend, tmp):
         t = time.perf_counter()
         subprocess.run([sys.executable] + command, check=True, stdout=subprocess.DEVNULL)
         walls.append(time.perf_counter() - t)
-    # Peak RSS: VmHWM of the process image itself (ru_maxrss would also count the benchmark's
-    # own pages that the child held between fork and exec).
     probe = ("import runpy, sys\n"
              f"sys.argv = {command!r}\n"
              "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-             "except SystemExit as e:\n    assert not e.code, e.code\n"
-             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-             "print(int(hwm.split()[1]) * 1024, file=sys.stderr)\n")
+             "except SystemExit as e:\n    assert not e.code, e.code\n" + PEAK_RSS)
     proc = subprocess.run([sys.executable, "-c", probe], check=True, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     rss = [int(proc.stderr.strip().splitlines()[-1])] * 2

@@ -456,6 +456,12 @@ class NumpyOps:
     def swap(self, x):
         return x.transpose(0, 2, 1)
 
+    def token_mean(self, x):
+        return x.mean(axis=1)  # float32 only
+
+    def device(self) -> str:
+        return "cpu"
+
     def patchify(self, x, p):
         return _patchify(x, p, lambda a, axes: a.transpose(axes))
 
@@ -488,6 +494,8 @@ class MlxOps:
         self.dtype = _check_dtype(dtype)
         self._dtype = getattr(self.mx, dtype)
         self._streams = []  # the main thread's CPU streams for split batches (split_batch)
+        if dtype == "float32":
+            self._check_float32()
 
     def asarray(self, a):
         with BACKEND_LOCKS["mlx"]:
@@ -503,6 +511,13 @@ class MlxOps:
 
     def swap(self, x):
         return self.mx.swapaxes(x, 1, 2)
+
+    def token_mean(self, x):
+        # in float32 whatever the compute dtype: a float16 mean over the 49-196 tokens would
+        # accumulate in half on Metal (the LayerNorm's statistics are float32 already)
+        if x.dtype == self.mx.float32:
+            return x.mean(axis=1)
+        return x.astype(self.mx.float32).mean(axis=1).astype(x.dtype)
 
     def layer_norm(self, x, scale, bias):
         return self.mx.fast.layer_norm(x, scale, bias, LN_EPS)
@@ -523,18 +538,45 @@ class MlxOps:
     def patchify(self, x, p):
         return _patchify(x, p, self.mx.transpose)
 
+    def device(self) -> str:
+        """"cpu", or "gpu (Metal)" / "gpu (CUDA)": the device MLX computes on."""
+        mx = self.mx
+        if mx.default_device() == mx.cpu:
+            return "cpu"
+        return "gpu (CUDA)" if mx.cuda.is_available() else "gpu (Metal)"
+
+    def _check_float32(self) -> None:
+        """Float32 must be float32 (the parity promise): refuses a process in which MLX
+        already computes float32 matmuls in TF32 and the user did not ask for it, as when MLX
+        read MLX_ENABLE_TF32 at a GEMM that ran before mixer could set it (_import_mlx)."""
+        if os.environ.get("MLX_ENABLE_TF32", "0").strip() not in ("", "0"):
+            return  # the user's opt-in
+        if not _mlx_float32_exact(str(self.mx.default_device())):
+            raise MixerError("MLX computes float32 matmuls in TF32 in this process (~1e-3 "
+                             "error), because MLX read MLX_ENABLE_TF32 before mixer could set "
+                             "it to 0: start Python with MLX_ENABLE_TF32=0 for exact float32, "
+                             "or with MLX_ENABLE_TF32=1 to accept TF32")
+
     def compile(self, fn):
         """mx.compile(fn), its batches split across CPU streams where split_batch does so.
 
         Only the main thread runs the compiled function: MLX 0.32 aborts the process at exit
         ("terminate called without an active exception", 5-11 runs in 12 here) once a compiled
         function has run in another thread. Other threads run fn's graph uncompiled: the same
-        arithmetic, without the fused element-wise kernels."""
+        arithmetic, without the fused element-wise kernels.
+
+        The first call runs uncompiled too: compiling does not pay for a one-shot run (the CLI
+        on one image). Measured here (MLX CPU, fresh processes, median of 5, 2 busy cores): a
+        first one-image call took 135 ms compiled vs 130 uncompiled for S/32, 908 vs 909 ms for
+        B/16. On a GPU MLX also generates and builds the fused kernels' source at the first
+        compiled call (not measured: no GPU here)."""
         compiled = self.mx.compile(fn)
+        calls = itertools.count()
 
         def run(params, x):
             f = compiled if threading.current_thread() is threading.main_thread() else fn
             with BACKEND_LOCKS["mlx"]:
+                f = fn if next(calls) == 0 else f
                 parts = self.split_batch(x.shape[0], lambda lo, hi: f(params, x[lo:hi]))
                 out = f(params, x) if parts is None else self.mx.concatenate(parts)
                 self.mx.eval(out)
@@ -644,6 +686,14 @@ class TinygradOps:
     def swap(self, x):
         return x.transpose(1, 2)
 
+    def token_mean(self, x):
+        # in float32 whatever the compute dtype, as MlxOps.token_mean
+        return x.mean(axis=1) if x.dtype == self.tg.dtypes.float32 \
+            else x.float().mean(axis=1).cast(x.dtype)
+
+    def device(self) -> str:
+        return self.tg.Device.DEFAULT
+
     def layer_norm(self, x, scale, bias):
         # statistics in float32 whatever the compute dtype (a no-op cast in float32)
         return x.float().layernorm(axis=-1, eps=LN_EPS).cast(x.dtype) * scale + bias
@@ -697,6 +747,12 @@ BACKENDS = {"mlx": MlxOps, "tinygrad": TinygradOps, "numpy": NumpyOps}
 def _import_mlx():
     if "mlx.core" not in sys.modules and platform.system() == "Linux":
         _preload_openblas()
+    # MLX computes float32 matmuls in TF32 on CUDA and M5-generation Apple GPUs unless
+    # MLX_ENABLE_TF32=0; it reads the variable once per process, at its first float32 GEMM on
+    # such a GPU (mlx/utils.h, env::enable_tf32: a function-local static), and has no API for
+    # it. So it must stay set until that GEMM, whenever it comes: a user's own value is kept
+    # (MLX_ENABLE_TF32=1 opts into TF32), and MlxOps checks what MLX actually does.
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
     try:
         import mlx.core as mx
     except ImportError as e:
@@ -733,24 +789,76 @@ def _import_tinygrad():
     return tinygrad
 
 
+# 1 + 2**-12 needs 13 mantissa bits: TF32 (10 bits) rounds it to 1, float32 (23) keeps it. A
+# (256, 256) GEMM of it with ones is 256 + 2**-4 exactly in float32 (every partial sum is
+# representable), exactly 256 in TF32. A GEMM as large as the model's own, so that it takes
+# their path (M5 GPUs keep GEMVs in float32; CUDA may run tiny GEMMs in its own kernels).
+TF32_PROBE = np.full((256, 256), 1.0 + 2.0 ** -12, np.float32), np.ones((256, 256), np.float32)
+
+
+def float32_matmul_exact(product: np.ndarray) -> bool:
+    """Whether `product`, a matmul of TF32_PROBE's two matrices, was computed in float32."""
+    return bool(np.all(product == np.float32(256.0 + 2.0 ** -4)))
+
+
+@functools.cache
+def _mlx_float32_exact(device: str) -> bool:
+    """Whether MLX computes float32 matmuls exactly on its default device (`device` names it,
+    for the cache). Runs once per device and process; the caller holds no MLX lock."""
+    import mlx.core as mx
+    with BACKEND_LOCKS["mlx"]:
+        a, b = TF32_PROBE
+        return float32_matmul_exact(np.array(mx.array(a) @ mx.array(b)))
+
+
 def default_backend() -> str:
     """The backend that `backend=None` picks.
 
-    MIXER_BACKEND overrides. Otherwise: MLX on Apple silicon (its GPU); tinygrad when DEV names
-    an accelerator (CUDA, NV, AMD, METAL, CL, ...); else numpy, which on CPUs is the fastest of
-    the three (its wheel ships an optimised multi-threaded BLAS; see bench.py).
+    MIXER_BACKEND overrides. Otherwise: MLX with a GPU (Apple silicon's, or NVIDIA's with
+    mlx[cuda13]); tinygrad when DEV names an accelerator (CUDA, NV, AMD, METAL, CL, ...); else
+    numpy, which on CPUs is the fastest of the three (its wheel ships an optimised
+    multi-threaded BLAS; see bench.py).
     """
     choice = os.environ.get("MIXER_BACKEND")
     if choice:
         if choice not in BACKENDS:
             raise MixerError(f"MIXER_BACKEND={choice!r}: expected one of {sorted(BACKENDS)}")
         return choice
-    if sys.platform == "darwin" and platform.machine() == "arm64" and _installed("mlx"):
+    if mlx_has_gpu():
         return "mlx"
-    dev = _user_dev().split(":")[0].upper()
-    if dev and dev not in ("CPU", "CLANG", "LLVM", "PYTHON") and _installed("tinygrad"):
+    if tinygrad_accelerator():
         return "tinygrad"
     return "numpy"
+
+
+def mlx_has_gpu() -> bool:
+    """Whether MLX is installed with a GPU to run on: Apple silicon (Metal), or a CUDA wheel
+    (mlx[cuda12], mlx[cuda13]) on a machine where CUDA works. MLX is imported only in the CUDA
+    case, so that choosing numpy on a plain CPU machine stays as quick as before."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return _installed("mlx")
+    if not any(_distribution(d) for d in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")):
+        return False
+    try:
+        return bool(_import_mlx().cuda.is_available())
+    except (MixerError, AttributeError, RuntimeError):
+        return False
+
+
+def tinygrad_accelerator() -> bool:
+    """Whether the user's DEV names an accelerator for tinygrad (CUDA, NV, AMD, METAL, CL, ...)
+    and tinygrad is installed."""
+    dev = _user_dev().split(":")[0].upper()
+    return bool(dev) and dev not in ("CPU", "CLANG", "LLVM", "PYTHON") and _installed("tinygrad")
+
+
+def _distribution(name: str) -> bool:
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def _user_dev() -> str:
@@ -816,7 +924,7 @@ def forward(ops, params, x, num_blocks: int, head: bool = True):
     for i in range(num_blocks):
         x = mixer_block(ops, params, f"MixerBlock_{i}/", x)
     x = ops.layer_norm(x, params["pre_head_layer_norm/scale"], params["pre_head_layer_norm/bias"])
-    x = x.mean(axis=1)  # (B, C) pre-logits
+    x = ops.token_mean(x)  # (B, C) pre-logits
     if head:
         x = ops.dense(x, params["head/kernel"], params["head/bias"])
     return x

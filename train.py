@@ -147,6 +147,8 @@ def cross_entropy(xp, logits, onehot):
 #   mean_over_ranks(tree)  data-parallel all-reduce of arrays (identity on one process)
 #   sum_over_ranks(v)      the same for a Python number (evaluation counts, stop requests)
 #   scalar(v), sync(tree)  a (1,) float32 input; wait for the arrays
+#   start(tree)            begin computing the arrays without waiting for them
+#   images(pixels)         uint8 (B, H, W, 3) -> the model's input, normalised on the device
 #   split_batch(n, fn)     [fn(lo, hi) per part] with the parts of a batch of n on separate
 #                          cores (mixer.MlxOps.split_batch), or None: run it whole
 # Labels travel one-hot, so that the loss is the same arithmetic on every backend (no gather).
@@ -154,6 +156,7 @@ def cross_entropy(xp, logits, onehot):
 
 class MlxBackend:
     name = "mlx"
+    compiled_keeps_buffers = False  # MLX frees a compiled function's intermediates
 
     def __init__(self):
         self.mx = mixer._import_mlx()
@@ -191,6 +194,14 @@ class MlxBackend:
     def sync(self, tree):
         self.mx.eval(tree)
 
+    def start(self, tree):
+        self.mx.async_eval(tree)
+
+    def images(self, pixels: np.ndarray):
+        # uint8 moved, normalised on the device with mixer.preprocess's arithmetic (tested equal)
+        x = self.mx.array(pixels).astype(self.mx.float32) / 127.5 - 1.0
+        return x if self.ops.dtype == "float32" else x.astype(self.ops._dtype)
+
     def split_batch(self, batch, fn):
         return self.ops.split_batch(batch, fn)
 
@@ -198,6 +209,7 @@ class MlxBackend:
 class TinygradBackend:
     name = "tinygrad"
     rank, size = 0, 1
+    compiled_keeps_buffers = True  # a TinyJit holds its intermediates (Trainer.end_evaluation)
 
     def __init__(self):
         if int(os.environ.get("MLX_RANK", "0")) or "MLX_HOSTFILE" in os.environ:
@@ -242,6 +254,16 @@ class TinygradBackend:
     def sync(self, tree):
         self.tg.Tensor.realize(*_leaves(tree))
 
+    # realize() queues the kernels on a GPU without waiting for them: only reading a value
+    # (update's .item()) waits, so the next upload already overlaps the step in flight
+    start = sync
+
+    def images(self, pixels: np.ndarray):
+        # uint8 moved, normalised on the device; tinygrad divides by multiplying with the
+        # reciprocal: within 2**-23 of mixer.preprocess's value (one ulp of x / 127.5; tested)
+        x = self.tg.Tensor(np.array(pixels, np.uint8, order="C")).float() / 127.5 - 1.0
+        return (x if self.ops.dtype == "float32" else x.cast(self.ops._dtype)).realize()
+
     def split_batch(self, batch, fn):
         return None  # always whole: tinygrad has no streams to run parts side by side
 
@@ -259,20 +281,29 @@ TRAIN_BACKENDS = {"mlx": MlxBackend, "tinygrad": TinygradBackend}
 
 def get_backend(name: str | None):
     if name is None:
-        env = os.environ.get("MIXER_BACKEND")
-        if env in TRAIN_BACKENDS:
-            name = env
-        elif mixer._installed("mlx"):
-            name = "mlx"
-        elif mixer._installed("tinygrad"):
-            name = "tinygrad"
-        else:
-            raise MixerError('training needs MLX or tinygrad, and neither is installed: pip '
-                             'install "mlx[cpu]" (Linux) or mlx (macOS), or pip install tinygrad')
+        name = default_train_backend()
     if name not in TRAIN_BACKENDS:
         raise MixerError(f"cannot train on backend {name!r} (no autograd): use one of "
                          f"{sorted(TRAIN_BACKENDS)}")
     return TRAIN_BACKENDS[name]()
+
+
+def default_train_backend() -> str:
+    """The backend that --backend's absence picks: MIXER_BACKEND; MLX with a GPU (Metal, or
+    CUDA with mlx[cuda13]); tinygrad when DEV names an accelerator (DEV=CUDA, DEV=METAL, ...);
+    else MLX on the CPU (faster than tinygrad's CPU device), else tinygrad."""
+    env = os.environ.get("MIXER_BACKEND")
+    if env in TRAIN_BACKENDS:
+        return env
+    if mixer.mlx_has_gpu():
+        return "mlx"
+    if mixer.tinygrad_accelerator():
+        return "tinygrad"
+    for name in ("mlx", "tinygrad"):
+        if mixer._installed(name):
+            return name
+    raise MixerError('training needs MLX or tinygrad, and neither is installed: pip install '
+                     '"mlx[cpu]" (Linux) or mlx (macOS), or pip install tinygrad')
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,26 +358,45 @@ class Trainer:
 
         self._accumulate = xp.compile(accumulate, state)
         self._update = xp.compile(update, state)
-        self._logits = xp.ops.compile(lambda p, x: mixer.forward(xp.ops, p, x, n))
+        self._forward = lambda p, x: mixer.forward(xp.ops, p, x, n)
+        self._logits = xp.ops.compile(self._forward)
+        self._running = None  # the arrays of the micro-batch in flight (accumulate)
 
     def accumulate(self, x: np.ndarray, onehot: np.ndarray) -> None:
+        """x: uint8 pixels (Loader.batches; normalised on the device) or float32 images in
+        [-1, 1]. Returns once the micro-batch is queued and the one before it has finished, so
+        that the caller prepares and uploads the next micro-batch while this one computes, and
+        at most two are in memory."""
         xp, n = self.xp, len(x)
+        upload = xp.images if x.dtype == np.uint8 else xp.ops.asarray
 
         def part(lo, hi):
-            self._accumulate(xp.ops.asarray(x[lo:hi]), xp.ops.asarray(onehot[lo:hi]),
+            self._accumulate(upload(x[lo:hi]), xp.ops.asarray(onehot[lo:hi]),
                              xp.scalar((hi - lo) / n))
             return self.state  # what split_batch evaluates: every part's sums
         if xp.split_batch(n, part) is None:
             part(0, n)
-        xp.sync(self.state)
+        running = _leaves(self.state)
+        xp.start(running)
+        if self._running is not None:
+            xp.sync(self._running)
+        self._running = running
 
     def update(self, lr: float) -> tuple[float, float]:
         loss, norm = self._update(self.xp.scalar(lr))
         self.xp.sync(self.state)
+        self._running = None
         return float(loss.item()), float(norm.item())
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.xp.ops.numpy(self._logits(self.state["params"], self.xp.ops.asarray(x)))
+
+    def end_evaluation(self) -> None:
+        """Frees what evaluation's compiled forward holds, on backends whose compiled functions
+        keep their buffers (tinygrad's TinyJit: every intermediate, for its lifetime), so that
+        training does not hold them beside its own step's on a small GPU."""
+        if self.xp.compiled_keeps_buffers:
+            self._logits = self.xp.ops.compile(self._forward)
 
     def numpy(self, part: str) -> dict[str, np.ndarray]:
         return {k: self.xp.ops.numpy(v) for k, v in self.state[part].items()}
@@ -678,9 +728,20 @@ class Loader:
         return int(self._perm[position % n])
 
     def decode(self, path: str, position: int):
-        """float32 (size, size, 3) in [-1, 1], or None if the file cannot be decoded."""
+        """float32 (size, size, 3) in [-1, 1], or None if the file cannot be decoded: pixels()
+        as the model sees it, with mixer.preprocess's arithmetic."""
         if not self.augment:
             return _try_preprocess(path, self.size, self.resize, self.cache)
+        pixels = self.pixels(path, position)
+        return None if pixels is None else pixels.astype(np.float32) / 127.5 - 1.0
+
+    def pixels(self, path: str, position: int):
+        """uint8 RGB (size, size, 3), or None if the file cannot be decoded: what batches()
+        hands out, a quarter of float32's bytes to stack and move; the trainer normalises on
+        the device (Trainer.accumulate)."""
+        if not self.augment:
+            image = _try_preprocess(path, self.size, self.resize, self.cache)
+            return None if image is None else pixels_of(image)
         Image, _ = mixer._import_pil()
         try:
             image = self.cache.get(("augment", path), path)
@@ -691,13 +752,13 @@ class Loader:
             img = image.crop(inception_crop(image.width, image.height, rng), self.size)
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+            return np.asarray(img, dtype=np.uint8)
         except (MixerError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return None
 
     def batches(self, first_step: int, batch_size: int, rank: int, size: int, depth: int = 2):
         """Yields, from step `first_step` (1-based) on, this rank's share of each global batch:
-        (images (n, H, W, 3), onehot (n, classes)), decoding `depth` steps ahead."""
+        (uint8 pixels (n, H, W, 3), onehot (n, classes)), decoding `depth` steps ahead."""
         share = batch_size // size
         pending = collections.deque()
         step = first_step
@@ -706,7 +767,7 @@ class Loader:
                 start = (step - 1 + len(pending)) * batch_size + rank * share
                 positions = range(start, start + share)
                 index = [self.sample_index(p) for p in positions]
-                pending.append((index, [self.pool.submit(self.decode, self.split.files[i], p)
+                pending.append((index, [self.pool.submit(self.pixels, self.split.files[i], p)
                                         for i, p in zip(index, positions)]))
             index, futures = pending.popleft()
             yield self._assemble(index, [f.result() for f in futures])
@@ -730,6 +791,12 @@ class Loader:
                              f"batch ({len(self.failed)} such files so far)")
                 index[j], images[j] = index[ok[0]], images[ok[0]]
         return np.stack(images), one_hot(self.split.labels[index], self.num_classes)
+
+
+def pixels_of(image: np.ndarray) -> np.ndarray:
+    """mixer.preprocess's output back to its uint8 pixels, exactly: preprocess maps pixel v to
+    v / 127.5 - 1, 0.0078 apart, far more than float32's rounding (6e-8 near 1)."""
+    return np.rint((image + 1.0) * 127.5).astype(np.uint8)
 
 
 def one_hot(labels, num_classes: int) -> np.ndarray:
@@ -761,6 +828,7 @@ def evaluate(trainer: Trainer, split: Split, image_size: int, resize: str, batch
         predicted = trainer.logits(x)[:len(good)].argmax(axis=1)
         correct += int((predicted == split.labels[[chunks[n][j] for j in good]]).sum())
         seen += len(good)
+    trainer.end_evaluation()
     correct, seen = xp.sum_over_ranks(correct), xp.sum_over_ranks(seen)
     if seen == 0:
         raise MixerError("no validation image could be decoded")
@@ -1337,7 +1405,8 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
     say(f"{len(train_split.files)} training images in {len(classes)} classes, "
         f"{len(val_split.files) if val_split else 'no'} validation images; "
         f"{config.variant or 'custom'} Mixer at {config.image_size}px from {source}, on "
-        f"{xp.name}" + (f" x {xp.size} processes" if xp.size > 1 else ""))
+        f"{xp.name}" + (f" x {xp.size} processes" if xp.size > 1 else "")
+        + f", device {xp.ops.device()}")
     say(f"{'resuming at step ' + str(start) + ' of ' if start else ''}{steps} steps of "
         f"{batch_size} images ({steps * batch_size / len(train_split.files):.1f} epochs), "
         f"lr {s['lr']}, warmup {s['warmup']}; writing {run_dir}")
