@@ -2288,7 +2288,7 @@ def download_deadline() -> float:
 
 
 def pretrained(variant: str, source: str | None = None, backend: str | None = None,
-               progress=None, dtype: str = "float32") -> Mixer:
+               progress=None, dtype: str = "float32", quantize: str | None = None) -> Mixer:
     """The official checkpoint of a variant (see OFFICIAL_CHECKPOINTS), downloaded, checked and
     converted on first use, then loaded from cache_path() with no network access.
 
@@ -2296,6 +2296,7 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
     classes for imagenet21k, else 1000) and, when its metadata names its source, the released
     file (or a file of that name converted from elsewhere). Anything else is an error that says
     to delete it. progress(done, total) is called as the download proceeds (see download).
+    quantize: see load.
     """
     checkpoint = official_checkpoint(variant, source)
     get_ops(backend, dtype)  # an unusable backend or dtype fails here, before any download
@@ -2308,7 +2309,7 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
     try:
         with SafetensorsFile(path) as f:  # the header only
             found_source = f.metadata.get("mixer.source")
-        model = load(path, backend=backend, dtype=dtype)
+        model = load(path, backend=backend, dtype=dtype, quantize=quantize)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
     # A file put here by hand, or by another version, must not answer for this variant. It is
@@ -2873,6 +2874,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                         help="compute dtype; float16/bfloat16 need --backend mlx or tinygrad "
                              "and pay off on GPUs")
+    parser.add_argument("--quantize", choices=sorted(QUANTIZED_DTYPES),
+                        help="quantise the weights as they are loaded (groups of "
+                             f"{DEFAULT_GROUP_SIZE}): int8 or int4 kernels in memory, computed "
+                             "a layer at a time in float32; a file saved quantised needs no "
+                             "flag")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--resize", choices=["crop", "squash"],
                         help="crop: shorter side to size/0.875, centre crop (default); "
@@ -2898,12 +2904,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k=5, resize=None,
-            json=False, dtype="float32", jsonl=False, exact_decode=False):
+            json=False, dtype="float32", jsonl=False, exact_decode=False, quantize=None):
     """The CLI as a function: returns the text it prints on stdout (files that cannot be read,
     among several, are reported on stderr and left out, as the CLI does)."""
     chunks = []
     _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
-                  exact_decode, chunks.append)
+                  exact_decode, chunks.append, quantize=quantize)
     return "".join(chunks).rstrip("\n")
 
 
@@ -2913,7 +2919,7 @@ PROGRESS_MIN_IMAGES = 32  # fewer finish before progress would tell anything
 
 
 def _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
-                  exact_decode, write, stderr=None) -> int:
+                  exact_decode, write, stderr=None, quantize=None) -> int:
     """The command line's work: each image's result passed to write() (a str ending in a
     newline) as soon as it is ready, in input order. Returns the number of inputs skipped:
     files that could not be read and folders without images, each reported on stderr in one
@@ -2935,8 +2941,8 @@ def _classify_cli(images, weights, variant, source, backend, top_k, resize, json
                          f"no image files in {len(problems)} folders: {'; '.join(problems)}")
     # one file asked for: unreadable, it is an error (nothing printed), as it always was
     single = len(images) == 1 and not os.path.isdir(images[0])
-    model = (_cli_pretrained(variant, source, backend, dtype) if variant is not None else
-             load(weights, backend=backend, dtype=dtype))
+    model = (_cli_pretrained(variant, source, backend, dtype, quantize) if variant is not None
+             else load(weights, backend=backend, dtype=dtype, quantize=quantize))
     progress = _Progress(len(paths), stderr) if (
         len(paths) > PROGRESS_MIN_IMAGES and stderr.isatty()) else None
 
@@ -3068,14 +3074,14 @@ class _Progress:
             self.stream.flush()
 
 
-def _cli_pretrained(variant, source, backend, dtype):
+def _cli_pretrained(variant, source, backend, dtype, quantize=None):
     """pretrained() with the CLI's notes on stderr; stdout stays the result (--json safe)."""
     checkpoint = official_checkpoint(variant, source)
     fresh = not os.path.exists(cache_path(checkpoint))
     bar = _ProgressBar(checkpoint, sys.stderr)
     try:
         model = pretrained(variant, source, backend=backend, progress=bar if fresh else None,
-                           dtype=dtype)
+                           dtype=dtype, quantize=quantize)
     finally:
         bar.close()
     if fresh:
@@ -3243,6 +3249,8 @@ def main(argv=None) -> int:
 
     def body():
         if picture["show_weights"] is not None:
+            if args.quantize:
+                raise MixerError("--quantize goes with classifying images, not --show-weights")
             if args.images:
                 raise MixerError("--show-weights draws the weights; give no IMAGE with it")
             write(_show_weights_cli(picture["show_weights"], args.weights, args.variant,
