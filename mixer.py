@@ -1386,9 +1386,11 @@ class QuantizedTensor:
 
 def quantize(w: np.ndarray, bits: int, group_size: int, layout: str) -> QuantizedTensor:
     """Quantises the kernel w (official shape) in `layout` ("out_in" or "in_out"). Each group
-    spans [min, max]: scale = (max - min) / (2^bits - 1), bias = min, both rounded to float16
-    first and q computed from the rounded values (so nothing is rounded twice), clipped to
-    [0, 2^bits - 1]. Non-finite weights and values beyond float16's range are refused."""
+    takes the better (smaller squared error) of two choices of scale and bias: its range
+    [min, max] split into 2^bits - 1 steps, or mx.quantize's choice, whose levels include 0
+    exactly (better where most weights sit near 0 and an outlier sets the range). Both are
+    rounded to float16 before q is computed from them (so nothing is rounded twice). Non-finite
+    weights and values beyond float16's range are refused."""
     w = np.asarray(w, dtype=np.float32)
     m = w.reshape(-1, w.shape[-1])
     m = np.ascontiguousarray(m.T if layout == "out_in" else m)  # its groups, row by row
@@ -1404,11 +1406,27 @@ def quantize(w: np.ndarray, bits: int, group_size: int, layout: str) -> Quantize
     g = m.reshape(rows, cols // group_size, group_size)
     lo, hi = g.min(axis=-1), g.max(axis=-1)
     top = 2**bits - 1
-    scales = ((hi - lo) / top).astype(np.float16)
-    biases = lo.astype(np.float16)
-    s, b = scales.astype(np.float32)[..., None], biases.astype(np.float32)[..., None]
-    q = np.rint((g - b) / np.where(s == 0, 1, s))
-    q = np.clip(q, 0, top).astype(np.uint8).reshape(rows, cols)
+    step = (hi - lo) / top
+    # mx.quantize's choice: the end of larger magnitude is the bias, the scale (negative when
+    # that end is the max) adjusted so that a whole number of steps leads from it to 0
+    low_end = np.abs(lo) > np.abs(hi)
+    edge, signed = np.where(low_end, lo, hi), np.where(low_end, step, -step)
+    q0 = np.rint(edge / np.where(signed == 0, 1, signed))
+    zero_scale = np.where(q0 != 0, edge / np.where(q0 == 0, 1, q0), signed)
+    best = None
+    for scales, biases in ((step, lo), (zero_scale, np.where(q0 == 0, 0, edge))):
+        scales, biases = scales.astype(np.float16), biases.astype(np.float16)
+        s, b = scales.astype(np.float32)[..., None], biases.astype(np.float32)[..., None]
+        q = np.clip(np.rint((g - b) / np.where(s == 0, 1, s)), 0, top)
+        error = np.square(q * s + b - g).sum(axis=-1)
+        if best is None:
+            best = scales, biases, q, error
+            continue
+        better = error < best[3]
+        best = (np.where(better, scales, best[0]), np.where(better, biases, best[1]),
+                np.where(better[..., None], q, best[2]))
+    scales, biases, q = best
+    q = q.astype(np.uint8).reshape(rows, cols)
     if bits == 4:  # two to a byte, the even element in the low nibble
         q = q[:, 0::2] | (q[:, 1::2] << 4)
     packed = np.ascontiguousarray(q).view("<u4")
