@@ -439,7 +439,7 @@ class NumpyOps:
         and are never allocated whole (+6% on B/16 at batch 32). A contiguous x is cut into
         blocks of rows; T(x) is taken one image at a time, each a transposed matrix that BLAS
         reads without a copy."""
-        kernel_0, kernel_1 = self._matrix(kernel_0), self._matrix(kernel_1)
+        kernel_0 = self._matrix(kernel_0)
         if x.flags.c_contiguous:
             rows = x.reshape(-1, x.shape[-1])
             step = max(1, self.HIDDEN_CHUNK // kernel_0.shape[1])
@@ -448,13 +448,17 @@ class NumpyOps:
             chunks = list(x)
         n = max(len(c) for c in chunks)
         hidden, scratch = (np.empty((n, kernel_0.shape[1]), np.float32) for _ in range(2))
-        out = np.empty((sum(len(c) for c in chunks), kernel_1.shape[1]), np.float32)
+        out = np.empty((sum(len(c) for c in chunks), _kernel_shape(kernel_1)[-1]), np.float32)
         start = 0
         for c in chunks:
             h = hidden[:len(c)]
             np.matmul(c, kernel_0, out=h)
             h += bias_0
             self._gelu_in_place(h, scratch[:len(c)])
+            if isinstance(kernel_1, dict):  # quantised: dequantised once, at first use, and
+                if len(chunks) == 1:  # Dense_0's let go first when no other chunk needs it
+                    kernel_0 = None  # (one kernel in float at a time: -9 MiB peak on B/16)
+                kernel_1 = self._matrix(kernel_1)
             np.matmul(h, kernel_1, out=out[start:start + len(c)])
             start += len(c)
         out += bias_1
@@ -1433,21 +1437,23 @@ def quantize(w: np.ndarray, bits: int, group_size: int, layout: str) -> Quantize
     return QuantizedTensor(packed, scales, biases, bits, group_size, layout, tuple(w.shape))
 
 
-def dequantize_matrix(packed, scales, biases, bits: int, group_size: int,
-                      out: np.ndarray | None = None) -> np.ndarray:
+def dequantize_matrix(packed, scales, biases, bits: int, group_size: int) -> np.ndarray:
     """The stored matrix (rows, cols) in float32 from its packed words and float32 group scales
-    and biases (rows, groups), into `out` when given (a caller's scratch buffer)."""
+    and biases (rows, groups), written in place into one new array (no full-size temporaries:
+    peak memory, not speed, is what quantised weights are for)."""
     rows = packed.shape[0]
     cols = packed.shape[1] * 32 // bits
-    groups = cols // group_size
+    out = np.empty((rows, cols), np.float32)
     q = packed.view(np.uint8)  # little-endian words: the bytes are the elements in order
-    if bits == 4:
-        q = np.stack([q & 0xF, q >> 4], axis=-1)
-    q = q.reshape(rows, groups, group_size)
-    out = np.empty((rows, cols), np.float32) if out is None else out
-    o = out.reshape(rows, groups, group_size)
-    np.multiply(q, scales[..., None], out=o)
-    o += biases[..., None]
+    if bits == 4:  # the even element in the low nibble
+        pairs = out.reshape(rows, cols // 2, 2)
+        pairs[..., 0] = q & 0xF
+        pairs[..., 1] = q >> 4
+    else:
+        out[...] = q
+    groups = out.reshape(rows, cols // group_size, group_size)
+    groups *= scales[..., None]
+    groups += biases[..., None]
     return out
 
 
