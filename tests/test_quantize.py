@@ -138,6 +138,7 @@ def test_layout_of_every_variant(variant, group_size):
     shapes = mixer.param_shapes(config)
     plan = mixer.quantization_plan(config, group_size)
     assert set(plan) == {k for k in shapes if k.endswith("/kernel")}
+    assert plan.pop("head/kernel") == "float16"  # 1000 classes: at most 2.7% of the weights
     for name, layout in plan.items():
         n_in, n_out = int(np.prod(shapes[name][:-1])), shapes[name][-1]
         if n_in % group_size == 0:
@@ -154,13 +155,23 @@ def test_layout_of_every_variant(variant, group_size):
         assert plan[f"MixerBlock_{i}/token_mixing/Dense_0/kernel"] == \
             ("out_in" if patches_grouped else "in_out")
         assert plan[f"MixerBlock_{i}/token_mixing/Dense_1/kernel"] == "out_in"
-    assert "float16" not in plan.values()  # every official variant is quantised in full
+    assert "float16" not in plan.values()  # the rest of every official variant is quantised
     if variant == "H/14":  # its stem's input axis, 14 * 14 * 3 = 588, no group size divides
         assert plan["stem/kernel"] == "in_out"
 
 
+@pytest.mark.parametrize("variant", ["S/32", "B/16", "L/16"])
+def test_head_float16_only_while_small(variant):
+    """A 21843-class head is 12-22% of the weights: quantised like the rest."""
+    for classes, layout in ((1000, "float16"), (21843, "out_in")):
+        config = dataclasses.replace(mixer.VARIANTS[variant], num_classes=classes)
+        assert mixer.quantization_plan(config, 64)["head/kernel"] == layout
+    big_head = dataclasses.replace(CFG, num_classes=640)  # (64, 640): 17% of CFG's kernels
+    assert mixer.quantization_plan(big_head, 64)["head/kernel"] == "out_in"
+
+
 def test_small_model_uses_all_three_layouts():
-    assert set(mixer.quantization_plan(CFG, 64).values()) == {"out_in", "in_out"}
+    assert set(mixer.quantization_plan(CFG, 64).values()) == {"out_in", "in_out", "float16"}
     plan = mixer.quantization_plan(CFG, 128)
     assert plan[TOKEN_0] == "float16" and plan[CHANNEL_0] == "in_out"  # (64, 128)
     assert plan["MixerBlock_0/channel_mixing/Dense_1/kernel"] == "out_in"  # (128, 64)
@@ -341,7 +352,7 @@ def test_at_resolution_stays_quantised(tmp_path, params):
     model = mixer.load(saved(tmp_path, params, "int8", 32), backend="numpy")
     big = model.at_resolution(56)
     assert big.quantization == {"bits": 8, "group_size": 32}
-    for name in (CHANNEL_0, "stem/kernel", "head/kernel"):  # unchanged: the stored values
+    for name in (CHANNEL_0, "stem/kernel"):  # unchanged: the stored values
         np.testing.assert_array_equal(big.params[name]["packed"], model.params[name]["packed"])
     # the new token-mixing kernels: the float ones from the dequantised weights, quantised again
     expected = mixer.Mixer(CFG, model.numpy_params(), backend="numpy").at_resolution(56)
@@ -428,14 +439,21 @@ def test_bad_quantize_arguments(float_file, kwargs, message):
         mixer.load(float_file, backend="numpy", **kwargs)
 
 
-def test_save_refuses_values_beyond_float16_scales(tmp_path, params):
+@pytest.mark.parametrize("name, message", [
+    (CHANNEL_0, "cannot quantise weights up to 1e\\+05"),
+    ("head/kernel", "cannot hold values up to 1e\\+05 in float16"),  # a float16 kernel
+])
+def test_values_beyond_float16_are_refused(tmp_path, params, name, message):
     bad = dict(params)
-    bad[CHANNEL_0] = bad[CHANNEL_0].copy()
-    bad[CHANNEL_0][0, 0] = 1e5
-    with pytest.raises(mixer.MixerError, match=f"save: '{CHANNEL_0}': cannot quantise weights "
-                                               f"up to 1e\\+05"):
+    bad[name] = bad[name].copy()
+    bad[name][0, 0] = 1e5
+    with pytest.raises(mixer.MixerError, match=f"save: '{name}': {message}"):
         mixer.Mixer(CFG, bad, backend="numpy").save(str(tmp_path / "x.st"), dtype="int8")
     assert not (tmp_path / "x.st").exists()
+    path = str(tmp_path / "float.st")
+    mixer.Mixer(CFG, bad, backend="numpy").save(path)
+    with pytest.raises(mixer.MixerError, match=f"{path}: tensor '{name}': {message}"):
+        mixer.load(path, backend="numpy", quantize="int8")
 
 
 # --- damaged quantised files ---------------------------------------------------------------------
@@ -471,10 +489,10 @@ DAMAGE = {
     "unknown layout": (lambda t, q, m: _set(q["layout"], CHANNEL_0, "rows"), "layout"),
     "layout names a bias": (lambda t, q, m: _set(q["layout"], "stem/bias", "float16"),
                             "'stem/bias', not a kernel"),
-    "layout misses a packed kernel": (lambda t, q, m: q["layout"].pop("head/kernel"),
-                                      "'head/kernel' has dtype U32"),
-    "layout misses a float16 kernel": (lambda t, q, m: q["layout"].pop(TOKEN_0),
-                                       f"no layout for '{TOKEN_0}'"),
+    "layout misses a packed kernel": (lambda t, q, m: q["layout"].pop(CHANNEL_0),
+                                      f"'{CHANNEL_0}' has dtype U32"),
+    "layout misses a float16 kernel": (lambda t, q, m: q["layout"].pop("head/kernel"),
+                                       "no layout for 'head/kernel'"),
     "layout against the grouped axis": (lambda t, q, m: _set(q["layout"], TOKEN_0, "out_in"),
                                         f"'{TOKEN_0}' is stored out_in, grouped by 64 along an "
                                         f"axis of 49"),
@@ -503,8 +521,7 @@ DAMAGE = {
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_damaged_quantised_file(tmp_path, params, case):
     change, message = DAMAGE[case]
-    group_size = 128 if case == "layout misses a float16 kernel" else 64  # TOKEN_0 is float16
-    good = saved(tmp_path, params, "int4", group_size, name="good.safetensors")
+    good = saved(tmp_path, params, "int4", name="good.safetensors")
     path = damaged(tmp_path, good, change)
     with pytest.raises(mixer.MixerError) as e:
         mixer.load(path, backend="numpy")
