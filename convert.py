@@ -42,16 +42,23 @@ import mixer  # noqa: E402 -- after the start-up handler above
 
 
 def convert(npz: str, output: str, dtype: str = "float32", head: bool = True,
-            labels: str | None = "auto") -> mixer.Mixer:
+            labels: str | None = "auto", group_size: int | None = None) -> mixer.Mixer:
     """Reads npz, checks it, writes output atomically (never a partial file); returns the model.
 
     labels: "auto" (ImageNet names for 1000 or 21843 classes), "imagenet1k", "imagenet21k", a
     text file with one name per line, or "none". head=False drops the classifier. An output
     that is the input, a folder or not a regular file is refused (see the module's docstring).
+    dtype "int8" or "int4" quantises the kernels in groups of group_size (default
+    mixer.DEFAULT_GROUP_SIZE; see Mixer.save).
     """
+    group_size = mixer.DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if dtype in mixer.QUANTIZED_DTYPES:  # before reading the checkpoint: fail at once
+        mixer._check_quantization(dtype, group_size)
+    elif group_size != mixer.DEFAULT_GROUP_SIZE:
+        raise mixer.MixerError(f"--group-size goes with --dtype int8 or int4, not {dtype}")
     check_output(npz, output)
     model = mixer.load_npz(npz, backend="numpy", labels=labels, head=head)
-    model.save(output, dtype=dtype, source=_source(npz))
+    model.save(output, dtype=dtype, source=_source(npz), group_size=group_size)
     return model
 
 
@@ -103,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                "FIFO or a socket is refused.")
     parser.add_argument("npz", metavar="IN.npz", help="an official checkpoint, e.g. Mixer-B_16.npz")
     parser.add_argument("output", metavar="OUT.safetensors")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                        help="storage type of the weights (computation stays float32)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8", "int4"],
+                        default="float32",
+                        help="storage type of the weights (computation stays float32); int8 and "
+                             "int4 quantise the kernels group-wise (MLX's affine format)")
+    parser.add_argument("--group-size", type=int, metavar="N",
+                        help=f"with --dtype int8/int4: elements per scale and bias, one of "
+                             f"{', '.join(map(str, mixer.GROUP_SIZES))} (default "
+                             f"{mixer.DEFAULT_GROUP_SIZE})")
     parser.add_argument("--no-head", dest="head", action="store_false",
                         help="drop the classifier: a feature extractor (pre-logits)")
     parser.add_argument("--labels", default="auto", metavar="auto|imagenet1k|imagenet21k|FILE|none",
@@ -125,7 +138,10 @@ def _run(args) -> int:
     classes = f"{config.num_classes} classes" if config.num_classes else "no head"
     names = "with label names" if model.labels else "no label names"
     size = os.path.getsize(args.output) / 2**20
-    print(f"{args.output}: {name}, {config.image_size}px, {classes}, {names}, {args.dtype}, "
+    dtype = args.dtype
+    if dtype in mixer.QUANTIZED_DTYPES:
+        dtype += f" in groups of {args.group_size or mixer.DEFAULT_GROUP_SIZE}"
+    print(f"{args.output}: {name}, {config.image_size}px, {classes}, {names}, {dtype}, "
           f"{size:.1f} MiB", flush=True)
     if model.labels is None and args.labels == "auto" and config.num_classes in \
             mixer.LABEL_SETS.values():

@@ -249,6 +249,10 @@ def check_shapes(config: MixerConfig, shapes: dict[str, tuple[int, ...]], what: 
 #   swap(x)                           (B, M, N) -> (B, N, M): the paper's T, a view where possible
 #   patchify(x, p)                    (B, H, W, 3) -> (B, H/p * W/p, p * p * 3), row-major
 #   compile(fn)                       the backend's compiled version of fn(params, x)
+#   quantized(w)                      a QuantizedTensor -> the backend's quantised kernel, a dict
+#                                     (packed words, scales, biases and the QuantizedTensor's
+#                                     bits, group_size, layout, shape); dense and mlp take these
+#                                     kernels too, dequantising one layer at a time
 # Each takes dtype (COMPUTE_DTYPES): what asarray makes, and so what the forward computes in.
 # Arithmetic (+), reshape and mean(axis) are the arrays' own, the same on all three.
 
@@ -394,7 +398,23 @@ class NumpyOps:
     def numpy(self, a):
         return np.asarray(a)
 
+    def quantized(self, w):
+        return _quantized_kernel(w, w.packed, w.scales.astype(np.float32),
+                                 w.biases.astype(np.float32))
+
+    @staticmethod
+    def _matrix(kernel):
+        """A kernel as an (in, out) float32 matrix: a quantised one dequantised into a buffer of
+        this call's own (threads running the model side by side each get theirs), freed when
+        the layer is done, so that only one layer is ever held in float."""
+        if not isinstance(kernel, dict):
+            return kernel
+        m = dequantize_matrix(kernel["packed"], kernel["scales"], kernel["biases"],
+                              kernel["bits"], kernel["group_size"])
+        return m.T if kernel["layout"] == "out_in" else m  # a transposed view: BLAS reads it as is
+
     def dense(self, x, kernel, bias):
+        kernel = self._matrix(kernel)
         # (B, S, C) as one (B*S, C) GEMM: ~20% faster than B small ones
         y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[1])
         y += bias
@@ -419,6 +439,7 @@ class NumpyOps:
         and are never allocated whole (+6% on B/16 at batch 32). A contiguous x is cut into
         blocks of rows; T(x) is taken one image at a time, each a transposed matrix that BLAS
         reads without a copy."""
+        kernel_0 = self._matrix(kernel_0)
         if x.flags.c_contiguous:
             rows = x.reshape(-1, x.shape[-1])
             step = max(1, self.HIDDEN_CHUNK // kernel_0.shape[1])
@@ -427,13 +448,17 @@ class NumpyOps:
             chunks = list(x)
         n = max(len(c) for c in chunks)
         hidden, scratch = (np.empty((n, kernel_0.shape[1]), np.float32) for _ in range(2))
-        out = np.empty((sum(len(c) for c in chunks), kernel_1.shape[1]), np.float32)
+        out = np.empty((sum(len(c) for c in chunks), _kernel_shape(kernel_1)[-1]), np.float32)
         start = 0
         for c in chunks:
             h = hidden[:len(c)]
             np.matmul(c, kernel_0, out=h)
             h += bias_0
             self._gelu_in_place(h, scratch[:len(c)])
+            if isinstance(kernel_1, dict):  # quantised: dequantised once, at first use, and
+                if len(chunks) == 1:  # Dense_0's let go first when no other chunk needs it
+                    kernel_0 = None  # (one kernel in float at a time: -9 MiB peak on B/16)
+                kernel_1 = self._matrix(kernel_1)
             np.matmul(h, kernel_1, out=out[start:start + len(c)])
             start += len(c)
         out += bias_1
@@ -475,7 +500,7 @@ class NumpyOps:
         (GELU, LayerNorm, residuals: ~15% of B/16's time here) on one core while BLAS's threads
         spin; split, every core runs its share of everything (1.13x on B/16 at batch 32)."""
         def run(params, x):
-            blas, p = openblas(), params["stem/kernel"].shape[0]
+            blas, p = openblas(), _kernel_shape(params["stem/kernel"])[0]
             rows = x.shape[0] * (x.shape[1] // p) * (x.shape[2] // p)  # token rows in the batch
             n = _split_count(x.shape[0], rows, blas.threads() if blas else 1,
                             self.MIN_ROWS_PER_THREAD)
@@ -506,7 +531,32 @@ class MlxOps:
         with BACKEND_LOCKS["mlx"]:
             return np.array(a if a.dtype == self.mx.float32 else a.astype(self.mx.float32))
 
+    def quantized(self, w):
+        with BACKEND_LOCKS["mlx"]:
+            return _quantized_kernel(w, self.mx.array(w.packed), self.asarray(w.scales),
+                                     self.asarray(w.biases))
+
+    # Quantised kernels go through mx.quantized_matmul on a GPU (None: when the default device
+    # is not the CPU); on the CPU they are dequantised a layer at a time and multiplied in
+    # float32, because MLX's CPU quantized_matmul runs at ~2 GFLOP/s against ~86 for its
+    # float32 matmul with OpenBLAS (measured on this 2-core machine). True forces it (tests).
+    quantized_matmul = None
+
+    def _quantized_matmul(self) -> bool:
+        if self.quantized_matmul is None:
+            return self.mx.default_device() != self.mx.cpu
+        return self.quantized_matmul
+
     def dense(self, x, kernel, bias):
+        if isinstance(kernel, dict):
+            if self._quantized_matmul():
+                return self.mx.quantized_matmul(
+                    x, kernel["packed"], kernel["scales"], kernel["biases"],
+                    transpose=kernel["layout"] == "out_in", group_size=kernel["group_size"],
+                    bits=kernel["bits"]) + bias
+            m = self.mx.dequantize(kernel["packed"], kernel["scales"], kernel["biases"],
+                                   group_size=kernel["group_size"], bits=kernel["bits"])
+            kernel = m.T if kernel["layout"] == "out_in" else m
         return self.mx.addmm(bias, x, kernel) if x.ndim == 2 else x @ kernel + bias
 
     def swap(self, x):
@@ -680,8 +730,26 @@ class TinygradOps:
         with BACKEND_LOCKS["tinygrad"]:
             return a.float().numpy()
 
+    def quantized(self, w):
+        with BACKEND_LOCKS["tinygrad"]:
+            return _quantized_kernel(w, self.tg.Tensor(np.array(w.packed)).realize(),
+                                     self.asarray(w.scales), self.asarray(w.biases))
+
+    def _matrix(self, kernel):
+        """A kernel as an (in, out) matrix; a quantised one dequantised by tensor ops that feed
+        the matmul (the packed words read as bytes, little-endian: the elements in order)."""
+        if not isinstance(kernel, dict):
+            return kernel
+        q = kernel["packed"].bitcast(self.tg.dtypes.uint8)
+        if kernel["bits"] == 4:
+            q = (q & 0xF).unsqueeze(-1).cat((q >> 4).unsqueeze(-1), dim=-1)
+        rows = kernel["packed"].shape[0]
+        q = q.reshape(rows, -1, kernel["group_size"]).float()
+        m = (q * kernel["scales"].unsqueeze(-1) + kernel["biases"].unsqueeze(-1)).reshape(rows, -1)
+        return m.T if kernel["layout"] == "out_in" else m
+
     def dense(self, x, kernel, bias):
-        return x @ kernel + bias
+        return x @ self._matrix(kernel) + bias
 
     def swap(self, x):
         return x.transpose(1, 2)
@@ -698,7 +766,7 @@ class TinygradOps:
         # statistics in float32 whatever the compute dtype (a no-op cast in float32)
         return x.float().layernorm(axis=-1, eps=LN_EPS).cast(x.dtype) * scale + bias
 
-    def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):
+    def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):  # dense dequantises
         h = gelu_tanh(self.dense(x, kernel_0, bias_0), lambda t: t.tanh())
         return self.dense(h, kernel_1, bias_1)
 
@@ -914,13 +982,27 @@ def mixer_block(ops, params, prefix, x):
     return x + mlp(ops, params, prefix + "channel_mixing/", ln("LayerNorm_1", x))
 
 
+def _kernel_shape(kernel) -> tuple:
+    """A kernel's official shape, a quantised one's (a dict, see the shim's `quantized`) too."""
+    return kernel["shape"] if isinstance(kernel, dict) else kernel.shape
+
+
+def _quantized_kernel(w, packed, scales, biases) -> dict:
+    """A backend's quantised kernel: its arrays, and as constants (which mx.compile and TinyJit
+    take as they are) what describes them."""
+    return {"packed": packed, "scales": scales, "biases": biases, "bits": w.bits,
+            "group_size": w.group_size, "layout": w.layout, "shape": w.shape}
+
+
 def forward(ops, params, x, num_blocks: int, head: bool = True):
     """x: (B, H, W, 3) in [-1, 1] -> logits (B, num_classes), or pre-logits (B, C) if not head."""
     kernel = params["stem/kernel"]
-    p = kernel.shape[0]
-    # stem: a P x P conv with stride P == patchify + Dense with the HWIO kernel flattened.
-    x = ops.dense(ops.patchify(x, p), kernel.reshape(p * p * 3, kernel.shape[3]),
-                  params["stem/bias"])  # (B, S, C)
+    p = _kernel_shape(kernel)[0]
+    # stem: a P x P conv with stride P == patchify + Dense with the HWIO kernel flattened (a
+    # quantised kernel is stored as that matrix already).
+    if not isinstance(kernel, dict):
+        kernel = kernel.reshape(p * p * 3, kernel.shape[3])
+    x = ops.dense(ops.patchify(x, p), kernel, params["stem/bias"])  # (B, S, C)
     for i in range(num_blocks):
         x = mixer_block(ops, params, f"MixerBlock_{i}/", x)
     x = ops.layer_norm(x, params["pre_head_layer_norm/scale"], params["pre_head_layer_norm/bias"])
@@ -934,7 +1016,8 @@ def forward(ops, params, x, num_blocks: int, head: bool = True):
 # Weights: safetensors, read and written here so that this file needs numpy only.
 # Layout: 8-byte little-endian header length, a JSON header, then the raw little-endian data.
 
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+           "U32": np.dtype("<u4")}  # U32: only a quantised file's packed kernels
 _MAX_HEADER = 100 * 2**20
 _MAX_DIMS = 8  # a Mixer tensor has at most 4; the cap keeps hostile shapes away from numpy
 
@@ -1038,6 +1121,8 @@ class SafetensorsFile(_OpenFile):
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise MixerError(f"{name}: not a safetensors file (__metadata__ must map str to str)")
         self.metadata, self._start, self._entries = metadata, 8 + n, {}
+        self.quantization = _quantization_metadata(metadata, name)
+        self._packed = _packed_names(self.quantization)
         data_size = size - 8 - n
         for key, info in header.items():
             self._entries[key] = self._check_entry(key, info, data_size)
@@ -1061,9 +1146,10 @@ class SafetensorsFile(_OpenFile):
                 raise ValueError
         except (TypeError, KeyError, ValueError):
             raise MixerError(f"{self.name}: tensor {key!r} has a malformed header entry") from None
-        if dtype not in _DTYPES:
+        if dtype not in _DTYPES or (dtype == "U32" and key not in self._packed):
             raise MixerError(f"{self.name}: tensor {key!r} has dtype {dtype}; supported: F32, "
-                             f"F16, BF16")
+                             f"F16, BF16 (and U32 for the kernels that the metadata "
+                             f"'mixer.quantization' names as quantised)")
         if len(shape) > _MAX_DIMS:
             raise MixerError(f"{self.name}: tensor {key!r} has {len(shape)} dimensions; a Mixer "
                              f"tensor has at most 4")
@@ -1079,6 +1165,10 @@ class SafetensorsFile(_OpenFile):
 
     def keys(self):
         return self._entries.keys()
+
+    def dtype(self, key: str) -> str:
+        """The tensor's safetensors dtype code ("F32", "U32", ...)."""
+        return self._entries[key][0]
 
     def read(self, key: str, finite: bool = False) -> np.ndarray:
         """The tensor, in memory of its own (BF16 as _Bfloat16Bits; see as_float32). finite:
@@ -1166,12 +1256,16 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
     code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype)
     if code is None:
         raise MixerError(f"unsupported dtype {dtype!r}: expected float32, float16 or bfloat16")
+    _write_tensors(path, {name: (code, to_bfloat16_bits(a) if code == "BF16" else
+                                 np.asarray(a, dtype=_DTYPES[code], order="C"))  # 0-d stays 0-d
+                          for name, a in tensors.items()}, metadata)
+
+
+def _write_tensors(path: str, tensors: dict[str, tuple[str, np.ndarray]],
+                   metadata: dict[str, str]) -> None:
+    """write_safetensors for arrays already in their stored form: name -> (dtype code, array)."""
     arrays, header, offset = [], {"__metadata__": metadata}, 0
-    for name, a in tensors.items():
-        if code == "BF16":
-            a = to_bfloat16_bits(a)
-        else:
-            a = np.asarray(a, dtype=_DTYPES[code], order="C")  # 0-d stays 0-d
+    for name, (code, a) in tensors.items():
         header[name] = {"dtype": code, "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         arrays.append(a)
@@ -1326,6 +1420,295 @@ def _process_alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # The user-facing model.
 
+# --------------------------------------------------------------------------------------------
+# Quantised weights: MLX's affine group-wise format, written and read here in numpy so that the
+# numpy backend and convert.py need no MLX. A kernel is quantised as a 2-D matrix (in, out) (the
+# stem's HWIO kernel as (P*P*3, C)) stored either transposed, (out, in), grouped along `in`
+# ("out_in": mlx-lm's and nn.QuantizedLinear's layout) or as it is, (in, out), grouped along
+# `out` ("in_out"). Every `group_size` consecutive elements of a stored row share a scale and a
+# bias: w = scale * q + bias, q an unsigned `bits`-bit integer; element j of a row sits at bit
+# (j * bits) % 32 of the row's uint32 word j * bits // 32, little-endian, as mx.quantize packs.
+
+QUANTIZED_DTYPES = {"int8": 8, "int4": 4}
+GROUP_SIZES = (32, 64, 128)  # what MLX accepts
+DEFAULT_GROUP_SIZE = 64  # MLX's default
+QUANTIZED_LAYOUTS = ("out_in", "in_out", "float16")
+_SCALES, _BIASES = ".scales", ".biases"  # suffixes of a kernel's group scales and biases
+
+
+def quantization_layout(shape: tuple, group_size: int) -> str:
+    """How a kernel of official shape `shape` is quantised: grouped along its input axis when
+    the group size divides it ("out_in"), else along its output axis ("in_out": the
+    token-mixing Dense_0, whose input axis is the number of patches, 49 or 196), else kept in
+    float16 (small models whose axes no allowed group size divides)."""
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    if rows % group_size == 0:
+        return "out_in"
+    if cols % group_size == 0:
+        return "in_out"
+    return "float16"
+
+
+# The head stays float16 when it holds at most this share of the kernels' weights (1000-class
+# heads: 1.3% of B/16's, 2.7% of S/32's): its error goes straight into the logits. Measured on
+# random official-format weights, int4 groups of 64: logits' relative error 0.133 -> 0.100 on
+# B/16 (+0.005x of the float32 file) and 0.147 -> 0.116 on S/32 (+0.009x); int8 0.0081 ->
+# 0.0062 on B/16. A 21843-class head (22% of B/16's weights) is quantised: in float16 it would
+# double the int4 file.
+HEAD_FLOAT16_SHARE = 0.05
+
+
+def quantization_plan(config: MixerConfig, group_size: int) -> dict[str, str]:
+    """The layout of every Dense/stem kernel of `config` (see quantization_layout and
+    HEAD_FLOAT16_SHARE); the other tensors (Dense biases, LayerNorm scales and biases) stay
+    float32."""
+    shapes = param_shapes(config)
+    plan = {k: quantization_layout(s, group_size) for k, s in shapes.items()
+            if k.endswith("/kernel")}
+    kernels = sum(math.prod(shapes[k]) for k in plan)
+    if "head/kernel" in plan and math.prod(shapes["head/kernel"]) <= HEAD_FLOAT16_SHARE * kernels:
+        plan["head/kernel"] = "float16"
+    return plan
+
+
+def _check_quantization(dtype, group_size) -> tuple[int, int]:
+    """(bits, group size) for a quantised dtype name and group size, or a MixerError."""
+    if dtype not in QUANTIZED_DTYPES:
+        raise MixerError(f"unknown quantisation {dtype!r}: expected one of "
+                         f"{', '.join(QUANTIZED_DTYPES)}")
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise MixerError(f"group size {group_size!r} is not supported: expected one of "
+                         f"{', '.join(map(str, GROUP_SIZES))} (MLX's)")
+    return QUANTIZED_DTYPES[dtype], group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """One quantised kernel on the host: `packed` (uint32, the stored matrix's rows, cols * bits
+    / 32), `scales` and `biases` (float16, rows, cols / group_size), and `shape`, the kernel's
+    official shape (what check_shapes sees)."""
+    packed: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    bits: int
+    group_size: int
+    layout: str  # "out_in" or "in_out"
+    shape: tuple
+
+    @property
+    def dtype(self) -> str:
+        return f"int{self.bits}"
+
+    def stored_shape(self) -> tuple[int, int]:
+        """The quantised matrix's (rows, cols): (out, in) for "out_in", (in, out) for "in_out"."""
+        n_in, n_out = math.prod(self.shape[:-1]), self.shape[-1]
+        return (n_out, n_in) if self.layout == "out_in" else (n_in, n_out)
+
+    def dequantize(self) -> np.ndarray:
+        """The kernel in float32, official shape and layout."""
+        m = dequantize_matrix(self.packed, self.scales.astype(np.float32),
+                              self.biases.astype(np.float32), self.bits, self.group_size)
+        return (m.T if self.layout == "out_in" else m).reshape(self.shape)
+
+
+def quantize(w: np.ndarray, bits: int, group_size: int, layout: str) -> QuantizedTensor:
+    """Quantises the kernel w (official shape) in `layout` ("out_in" or "in_out"). Each group
+    takes the better (smaller squared error) of two choices of scale and bias: its range
+    [min, max] split into 2^bits - 1 steps, or mx.quantize's choice, whose levels include 0
+    exactly (better where most weights sit near 0 and an outlier sets the range). Both are
+    rounded to float16 before q is computed from them (so nothing is rounded twice). Non-finite
+    weights and values beyond float16's range are refused."""
+    w = np.asarray(w, dtype=np.float32)
+    m = w.reshape(-1, w.shape[-1])
+    m = np.ascontiguousarray(m.T if layout == "out_in" else m)  # its groups, row by row
+    rows, cols = m.shape
+    if cols % group_size:
+        raise MixerError(f"a {layout} kernel of shape {w.shape} cannot be grouped by "
+                         f"{group_size}")
+    if not np.isfinite(m).all():
+        raise MixerError("cannot quantise non-finite weights")
+    if m.size and np.abs(m).max() > np.finfo(np.float16).max / 2:
+        raise MixerError(f"cannot quantise weights up to {np.abs(m).max():.3g}: the group "
+                         f"scales and biases are float16 (at most 65504)")
+    g = m.reshape(rows, cols // group_size, group_size)
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
+    top = 2**bits - 1
+    step = (hi - lo) / top
+    # mx.quantize's choice: the end of larger magnitude is the bias, the scale (negative when
+    # that end is the max) adjusted so that a whole number of steps leads from it to 0
+    low_end = np.abs(lo) > np.abs(hi)
+    edge, signed = np.where(low_end, lo, hi), np.where(low_end, step, -step)
+    q0 = np.rint(edge / np.where(signed == 0, 1, signed))
+    zero_scale = np.where(q0 != 0, edge / np.where(q0 == 0, 1, q0), signed)
+    best = None
+    for scales, biases in ((step, lo), (zero_scale, np.where(q0 == 0, 0, edge))):
+        scales, biases = scales.astype(np.float16), biases.astype(np.float16)
+        s, b = scales.astype(np.float32)[..., None], biases.astype(np.float32)[..., None]
+        q = np.clip(np.rint((g - b) / np.where(s == 0, 1, s)), 0, top)
+        error = np.square(q * s + b - g).sum(axis=-1)
+        if best is None:
+            best = scales, biases, q, error
+            continue
+        better = error < best[3]
+        best = (np.where(better, scales, best[0]), np.where(better, biases, best[1]),
+                np.where(better[..., None], q, best[2]))
+    scales, biases, q = best
+    q = q.astype(np.uint8).reshape(rows, cols)
+    if bits == 4:  # two to a byte, the even element in the low nibble
+        q = q[:, 0::2] | (q[:, 1::2] << 4)
+    packed = np.ascontiguousarray(q).view("<u4")
+    return QuantizedTensor(packed, scales, biases, bits, group_size, layout, tuple(w.shape))
+
+
+def _float16(w: np.ndarray) -> np.ndarray:
+    """A kernel that a quantised file keeps in float16, or a MixerError if it cannot be."""
+    if w.size and np.abs(w).max() > np.finfo(np.float16).max:
+        raise MixerError(f"cannot hold values up to {np.abs(w).max():.3g} in float16 (at most "
+                         f"65504): keep this model in float32")
+    return w.astype(np.float16)
+
+
+def dequantize_matrix(packed, scales, biases, bits: int, group_size: int) -> np.ndarray:
+    """The stored matrix (rows, cols) in float32 from its packed words and float32 group scales
+    and biases (rows, groups), written in place into one new array (no full-size temporaries:
+    peak memory, not speed, is what quantised weights are for)."""
+    rows = packed.shape[0]
+    cols = packed.shape[1] * 32 // bits
+    out = np.empty((rows, cols), np.float32)
+    q = packed.view(np.uint8)  # little-endian words: the bytes are the elements in order
+    if bits == 4:  # the even element in the low nibble
+        pairs = out.reshape(rows, cols // 2, 2)
+        pairs[..., 0] = q & 0xF
+        pairs[..., 1] = q >> 4
+    else:
+        out[...] = q
+    groups = out.reshape(rows, cols // group_size, group_size)
+    groups *= scales[..., None]
+    groups += biases[..., None]
+    return out
+
+
+def _quantization_metadata(metadata: dict, name: str) -> dict | None:
+    """The file's "mixer.quantization" metadata, checked: {"bits": 8 or 4, "group_size": 32, 64
+    or 128, "mode": "affine", "layout": {kernel name: "out_in" | "in_out" | "float16"}}, or None
+    for a float file."""
+    q = _json_metadata(metadata, "mixer.quantization", name, dict)
+    if q is None:
+        return None
+    layout = q.get("layout")
+    if set(q) != {"bits", "group_size", "mode", "layout"} or q["mode"] != "affine" \
+            or not isinstance(layout, dict) \
+            or not all(isinstance(v, str) and v in QUANTIZED_LAYOUTS for v in layout.values()):
+        raise MixerError(f"{name}: metadata 'mixer.quantization' must be a JSON object with "
+                         f"bits, group_size, mode \"affine\" and layout (each kernel's "
+                         f"{', '.join(QUANTIZED_LAYOUTS)}); the file is damaged or was made by "
+                         f"another tool")
+    if q["bits"] not in QUANTIZED_DTYPES.values() or isinstance(q["bits"], bool) \
+            or q["group_size"] not in GROUP_SIZES or isinstance(q["group_size"], bool):
+        raise MixerError(f"{name}: quantised with bits={q['bits']!r}, group_size="
+                         f"{q['group_size']!r}; this version reads bits 8 or 4 and group sizes "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
+    return q
+
+
+def _packed_names(quantization: dict | None) -> set[str]:
+    """The tensors that a quantised file stores as packed uint32 words."""
+    layout = (quantization or {}).get("layout", {})
+    return {k for k, v in layout.items() if v != "float16"}
+
+
+def _check_quantized_shapes(config: MixerConfig, f: "SafetensorsFile", q: dict) -> None:
+    """Strict, like check_shapes: a quantised file holds every tensor of `config`, each
+    quantised kernel as its packed words (U32), scales and biases (F16) of exactly the shapes
+    its layout, bits and group size give, a "float16" kernel in F16 with its official shape, and
+    nothing else."""
+    name, bits, gs, layout = f.name, q["bits"], q["group_size"], q["layout"]
+    shapes = param_shapes(config)
+    unknown = sorted(k for k in layout if k not in shapes or not k.endswith("/kernel"))
+    if unknown:
+        raise MixerError(f"{name}: metadata 'mixer.quantization' names {unknown[0]!r}, not a "
+                         f"kernel of this model")
+    expected, dtypes = {}, {}
+    for k, shape in shapes.items():
+        if k.endswith("/kernel") and k not in layout:
+            raise MixerError(f"{name}: metadata 'mixer.quantization' gives no layout for "
+                             f"{k!r}: the file is damaged or was made by another tool")
+        kind = layout.get(k)
+        if kind is None:
+            expected[k] = shape
+            continue
+        if kind == "float16":
+            expected[k], dtypes[k] = shape, "F16"
+            continue
+        n_in, n_out = math.prod(shape[:-1]), shape[-1]
+        rows, cols = (n_out, n_in) if kind == "out_in" else (n_in, n_out)
+        if cols % gs:
+            raise MixerError(f"{name}: {k!r} is stored {kind}, grouped by {gs} along an axis "
+                             f"of {cols}, which {gs} does not divide: the file is damaged")
+        expected[k], dtypes[k] = (rows, cols * bits // 32), "U32"
+        for suffix in (_SCALES, _BIASES):
+            expected[k + suffix], dtypes[k + suffix] = (rows, cols // gs), "F16"
+    found = f.shapes()
+    missing = [k for k in expected if k not in found]
+    extra = sorted(k for k in found if k not in expected)
+    if missing or extra:
+        k = (missing or extra)[0]
+        raise MixerError(f"{name}: tensor {k!r} is {'missing' if missing else 'unexpected'} in "
+                         f"this {bits}-bit quantised file: it is damaged or was made by "
+                         f"another tool")
+    for k, shape in expected.items():
+        dtype = f.dtype(k)
+        if tuple(found[k]) != shape or (k in dtypes and dtype != dtypes[k]):
+            raise MixerError(f"{name}: tensor {k!r} is {dtype} {tuple(found[k])}, expected "
+                             f"{dtypes.get(k, 'a float')} {shape} for {bits}-bit groups of "
+                             f"{gs}: the file is damaged")
+
+
+class QuantizedReader:
+    """The tensors of an open safetensors file `f` (checked against `config`), read one at a
+    time, as Mixer takes them: quantised kernels as QuantizedTensor, the rest float. `target`
+    (bits, group size) quantises what is stored in float, and re-quantises what is stored with
+    other bits or groups, one tensor at a time; None keeps the file's own."""
+
+    def __init__(self, f: "SafetensorsFile", config: MixerConfig, target=None):
+        self.name, self._file, self._config = f.name, f, config
+        self._q = f.quantization
+        if self._q is not None:
+            if target is None:
+                target = (self._q["bits"], self._q["group_size"])
+            _check_quantized_shapes(config, f, self._q)
+        else:
+            check_shapes(config, f.shapes(), f.name)
+        self.bits, self.group_size = target
+        self._plan = quantization_plan(config, self.group_size)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return param_shapes(self._config)
+
+    def items(self, finite: bool = True):
+        f, layout = self._file, (self._q or {}).get("layout", {})
+        for k, shape in param_shapes(self._config).items():
+            if layout.get(k, "float16") != "float16":
+                w = QuantizedTensor(f.read(k), f.read(k + _SCALES, finite=True),
+                                    f.read(k + _BIASES, finite=True), self._q["bits"],
+                                    self._q["group_size"], layout[k], shape)
+                if (w.bits, w.group_size) == (self.bits, self.group_size):
+                    yield k, w
+                    continue
+                w = w.dequantize()
+            else:
+                w = as_float32(f.read(k, finite=True))
+            kind = self._plan.get(k)
+            try:
+                if kind == "float16":  # as a quantised file holds it
+                    w = _float16(w).astype(np.float32)
+                elif kind is not None:
+                    w = quantize(w, self.bits, self.group_size, kind)
+            except MixerError as e:
+                raise MixerError(f"{self.name}: tensor {k!r}: {e}") from None
+            yield k, w
+
+
 DEFAULT_PREPROCESSING = {"resize": "crop", "crop_pct": 0.875, "interpolation": "bicubic",
                          "scale": "x / 127.5 - 1"}
 # Mixer.at_resolution refuses to build new token-mixing weights larger than this: they grow as
@@ -1347,7 +1730,7 @@ class Mixer:
     def __init__(self, config: MixerConfig, params: dict, backend: str | None = None,
                  labels: list[str] | None = None, preprocessing: dict | None = None,
                  dtype: str = "float32"):
-        lazy = isinstance(params, SafetensorsFile)  # load(): tensors read one at a time
+        lazy = isinstance(params, (SafetensorsFile, QuantizedReader))  # read one at a time
         if not lazy and not isinstance(params, dict):
             raise MixerError(f"params must be a dict of official names to arrays (see "
                              f"param_shapes), got {type(params).__name__}")
@@ -1363,7 +1746,12 @@ class Mixer:
         self.backend, self.dtype = self._ops.name, dtype
         self.params = {}
         for k, v in params.items(finite=True) if lazy else params.items():
-            if self._is_backend_array(v):
+            if isinstance(v, QuantizedTensor):
+                if dtype != "float32":
+                    raise MixerError(f"{v.dtype} weights are computed in float32 (dequantised "
+                                     f"a layer at a time), not {dtype}: drop the dtype")
+                self.params[k] = self._ops.quantized(v)
+            elif self._is_backend_array(v):
                 self.params[k] = v
             else:  # numpy arrays, or backend arrays to recast through numpy
                 self.params[k] = self._ops.asarray(as_float32(
@@ -1496,8 +1884,31 @@ class Mixer:
         """The weights as float32 numpy arrays by official name ("stem/kernel", ...), in the
         official layouts (Dense kernels (in, out), the stem kernel HWIO). On mlx and tinygrad
         these are copies, weights held in float16 or bfloat16 widened to float32 exactly; on
-        numpy they are the model's own arrays, not copies: copy one before changing it."""
-        return {k: self._ops.numpy(v) for k, v in self.params.items()}
+        numpy they are the model's own arrays, not copies: copy one before changing it.
+        Quantised kernels come dequantised (new float32 arrays)."""
+        return {k: self._host_quantized(v).dequantize() if isinstance(v, dict)
+                else self._ops.numpy(v) for k, v in self.params.items()}
+
+    @property
+    def quantization(self) -> dict | None:
+        """{"bits": 8 or 4, "group_size": ...} when the model holds quantised kernels, else
+        None."""
+        for v in self.params.values():
+            if isinstance(v, dict):
+                return {"bits": v["bits"], "group_size": v["group_size"]}
+        return None
+
+    def _host_quantized(self, kernel: dict) -> QuantizedTensor:
+        """A quantised kernel of this model's backend back in numpy, exactly (its scales and
+        biases came from float16 and are held in float32)."""
+        packed = kernel["packed"]
+        if not isinstance(packed, np.ndarray):
+            with BACKEND_LOCKS[self.backend]:
+                packed = packed.numpy() if self.backend == "tinygrad" else np.array(packed)
+        scales, biases = (self._ops.numpy(kernel[k]).astype(np.float16)
+                          for k in ("scales", "biases"))
+        return QuantizedTensor(packed, scales, biases, kernel["bits"], kernel["group_size"],
+                               kernel["layout"], tuple(kernel["shape"]))
 
     def at_resolution(self, image_size: int) -> "Mixer":
         """This model for images K times larger (paper Appendix C), K an integer.
@@ -1505,6 +1916,10 @@ class Mixer:
         Only the token-mixing MLPs change: each becomes K² block-diagonal copies of itself, one
         per K x K tile of the token grid, so until fine-tuned the new model treats the tiles
         independently: its logits are the mean of this model's logits on the K² tiles.
+        A quantised model gives a quantised one: the kernels that do not change keep their
+        stored values, the new token-mixing kernels are quantised with the same bits and group
+        size (those of the dequantised ones, so their logits are those of this model's
+        dequantised weights, up to the new rounding).
         """
         old = self.config.image_size
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
@@ -1536,11 +1951,20 @@ class Mixer:
             params[b + "Dense_0/kernel"], params[b + "Dense_1/kernel"] = dense_0, dense_1
             params[b + "Dense_0/bias"] = np.tile(params[b + "Dense_0/bias"], k * k)
             params[b + "Dense_1/bias"] = params[b + "Dense_1/bias"][s]
+        for name, w in self.params.items():
+            if isinstance(w, dict):
+                w = self._host_quantized(w)
+                layout = quantization_layout(params[name].shape, w.group_size)
+                if params[name].shape == w.shape:
+                    params[name] = w
+                elif layout != "float16":
+                    params[name] = quantize(params[name], w.bits, w.group_size, layout)
         config = dataclasses.replace(self.config, image_size=image_size, tokens_mlp_dim=k * k * d)
         return Mixer(config, params, backend=self.backend, labels=self.labels,
                      preprocessing=self.preprocessing, dtype=self.dtype)
 
-    def save(self, path: str, dtype: str = "float32", source: str | None = None) -> None:
+    def save(self, path: str, dtype: str = "float32", source: str | None = None,
+             group_size: int = DEFAULT_GROUP_SIZE) -> None:
         """Writes the model to a safetensors file that mixer.load reads back: the weights under
         their official names, and as metadata the config, the label names and the
         preprocessing (and `source`, a free-text note on where the weights came from).
@@ -1550,14 +1974,26 @@ class Mixer:
         the size, more digits, but values beyond 65504 do not fit: refused). Weights that are
         not finite are refused too. The file is written atomically: a temporary file in the
         same folder, renamed over `path` only once complete, so `path` never holds half a file.
+
+        "int8" and "int4" quantise the kernels in groups of `group_size` (see quantize and
+        quantization_plan); a model loaded quantised with the same bits and group size keeps
+        its stored values (nothing is rounded twice).
         """
         if not isinstance(path, (str, os.PathLike)):
             raise MixerError(f"save needs a file path, got {type(path).__name__}")
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise MixerError(f"save: unsupported dtype {dtype!r}: expected float32, float16 "
-                             f"or bfloat16")
+        if dtype not in ("float32", "float16", "bfloat16", *QUANTIZED_DTYPES):
+            raise MixerError(f"save: unsupported dtype {dtype!r}: expected float32, float16, "
+                             f"bfloat16, {', '.join(QUANTIZED_DTYPES)}")
         if source is not None and not isinstance(source, str):
             raise MixerError(f"save: source must be a string or None, got {type(source).__name__}")
+        if dtype in QUANTIZED_DTYPES:
+            bits, group_size = _check_quantization(dtype, group_size)
+            tensors, layout = self._quantized_tensors(bits, group_size)
+            metadata = self._metadata(source)
+            metadata["mixer.quantization"] = json.dumps(
+                {"bits": bits, "group_size": group_size, "mode": "affine", "layout": layout})
+            _write_tensors(path, tensors, metadata)
+            return
         params = self.numpy_params()
         for name, a in params.items():
             if not np.isfinite(a).all():
@@ -1566,6 +2002,10 @@ class Mixer:
             if dtype == "float16" and a.size and np.abs(a).max() > np.finfo(np.float16).max:
                 raise MixerError(f"save: {name!r} holds values up to {np.abs(a).max():.3g}, "
                                  f"beyond float16's 65504: save as bfloat16 or float32")
+        write_safetensors(path, params, self._metadata(source), dtype=dtype)
+
+    def _metadata(self, source: str | None) -> dict[str, str]:
+        """A weights file's metadata: config, preprocessing, labels and source."""
         metadata = {"format": "mixer", "mixer.format_version": FORMAT_VERSION,
                     "mixer.config": json.dumps(self.config.to_dict()),
                     "mixer.preprocessing": json.dumps(self.preprocessing)}
@@ -1573,16 +2013,48 @@ class Mixer:
             metadata["mixer.labels"] = json.dumps(self.labels)
         if source:
             metadata["mixer.source"] = source
-        write_safetensors(path, params, metadata, dtype=dtype)
+        return metadata
+
+    def _quantized_tensors(self, bits: int, group_size: int):
+        """save's tensors for a quantised file, (name -> (dtype code, array), kernel name ->
+        layout), one kernel in float at a time."""
+        plan = quantization_plan(self.config, group_size)
+        tensors, layout = {}, {}
+        for name, v in self.params.items():
+            w = self._host_quantized(v) if isinstance(v, dict) else self._ops.numpy(v)
+            if isinstance(w, QuantizedTensor) and (w.bits, w.group_size) != (bits, group_size):
+                w = w.dequantize()
+            if isinstance(w, np.ndarray) and not np.isfinite(w).all():
+                raise MixerError(f"save: the weights hold non-finite values (first in "
+                                 f"{name!r}): nothing written")
+            if name not in plan:
+                tensors[name] = ("F32", np.ascontiguousarray(w, dtype=np.float32))
+                continue
+            try:
+                if isinstance(w, np.ndarray) and plan[name] == "float16":
+                    tensors[name], layout[name] = ("F16", _float16(w)), "float16"
+                    continue
+                if isinstance(w, np.ndarray):
+                    w = quantize(w, bits, group_size, plan[name])
+            except MixerError as e:
+                raise MixerError(f"save: {name!r}: {e}: nothing written") from None
+            tensors[name] = ("U32", w.packed)
+            tensors[name + _SCALES], tensors[name + _BIASES] = ("F16", w.scales), ("F16", w.biases)
+            layout[name] = w.layout
+        return tensors, layout
 
     def __repr__(self):
         name = self.config.variant or "custom"
         dtype = "" if self.dtype == "float32" else f", dtype={self.dtype}"
+        q = self.quantization
+        if q:
+            dtype += f", int{q['bits']} in groups of {q['group_size']}"
         return (f"Mixer({name}, {self.config.image_size}px, classes={self.config.num_classes}, "
                 f"backend={self.backend}{dtype})")
 
 
-def load(path: str, backend: str | None = None, dtype: str = "float32") -> Mixer:
+def load(path: str, backend: str | None = None, dtype: str = "float32",
+         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Mixer:
     """Loads a weights file onto `backend` (None: `default_backend()`), its weights held and
     computed in `dtype` (see Mixer): a mixer safetensors file, or an official .npz checkpoint
     (converted in memory, see load_npz).
@@ -1591,18 +2063,32 @@ def load(path: str, backend: str | None = None, dtype: str = "float32") -> Mixer
     that names it. Files without our metadata (e.g. written by another tool with the official
     names) have their config read off the tensor shapes. The tensors are read into memory of the
     model's own, one at a time: the loaded model never depends on the file again.
+
+    Quantised files (Mixer.save with dtype "int8" or "int4") load quantised. quantize ("int8"
+    or "int4", in groups of group_size) quantises the weights of a float file as they are read,
+    one tensor at a time (and re-quantises a file quantised otherwise).
     """
     if path is None or not isinstance(path, (str, bytes, os.PathLike)):
         raise MixerError(f"load() takes the path of a weights file, got {path!r}")
+    target = None if quantize is None else _check_quantization(quantize, group_size)
     with _open_regular(path) as f:
         is_zip = f.read(2) == b"PK"
     if is_zip:
+        if target:
+            raise MixerError(f"{path}: quantize= reads .safetensors files; convert this .npz "
+                             f"with `convert.py {path} OUT.safetensors --dtype {quantize}`")
         return load_npz(path, backend=backend, dtype=dtype)
     with SafetensorsFile(path) as f:
         shapes, metadata, name = f.shapes(), f.metadata, f.name
         config = _json_metadata(metadata, "mixer.config", name, dict)
+        if config is None and f.quantization is not None:
+            raise MixerError(f"{name}: a quantised file needs the metadata 'mixer.config' (its "
+                             f"tensors' shapes are packed): the file is damaged")
         config = infer_config(shapes) if config is None else MixerConfig.from_dict(config)
-        check_shapes(config, shapes, name)
+        if f.quantization is not None or target is not None:
+            f = QuantizedReader(f, config, target)  # checks the shapes, packed ones included
+        else:
+            check_shapes(config, shapes, name)
         labels = _json_metadata(metadata, "mixer.labels", name, list)
         if labels is not None and not all(isinstance(label, str) for label in labels):
             raise MixerError(f"{name}: metadata 'mixer.labels' must be a JSON list of strings")
@@ -1961,7 +2447,7 @@ def download_deadline() -> float:
 
 
 def pretrained(variant: str, source: str | None = None, backend: str | None = None,
-               progress=None, dtype: str = "float32") -> Mixer:
+               progress=None, dtype: str = "float32", quantize: str | None = None) -> Mixer:
     """The official checkpoint of a variant (see OFFICIAL_CHECKPOINTS), downloaded, checked and
     converted on first use, then loaded from cache_path() with no network access.
 
@@ -1969,6 +2455,7 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
     classes for imagenet21k, else 1000) and, when its metadata names its source, the released
     file (or a file of that name converted from elsewhere). Anything else is an error that says
     to delete it. progress(done, total) is called as the download proceeds (see download).
+    quantize: see load.
     """
     checkpoint = official_checkpoint(variant, source)
     get_ops(backend, dtype)  # an unusable backend or dtype fails here, before any download
@@ -1981,7 +2468,7 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
     try:
         with SafetensorsFile(path) as f:  # the header only
             found_source = f.metadata.get("mixer.source")
-        model = load(path, backend=backend, dtype=dtype)
+        model = load(path, backend=backend, dtype=dtype, quantize=quantize)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
     # A file put here by hand, or by another version, must not answer for this variant. It is
@@ -2546,6 +3033,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                         help="compute dtype; float16/bfloat16 need --backend mlx or tinygrad "
                              "and pay off on GPUs")
+    parser.add_argument("--quantize", choices=sorted(QUANTIZED_DTYPES),
+                        help="quantise the weights as they are loaded (groups of "
+                             f"{DEFAULT_GROUP_SIZE}): int8 or int4 kernels in memory, computed "
+                             "a layer at a time in float32; a file saved quantised needs no "
+                             "flag")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--resize", choices=["crop", "squash"],
                         help="crop: shorter side to size/0.875, centre crop (default); "
@@ -2571,12 +3063,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k=5, resize=None,
-            json=False, dtype="float32", jsonl=False, exact_decode=False):
+            json=False, dtype="float32", jsonl=False, exact_decode=False, quantize=None):
     """The CLI as a function: returns the text it prints on stdout (files that cannot be read,
     among several, are reported on stderr and left out, as the CLI does)."""
     chunks = []
     _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
-                  exact_decode, chunks.append)
+                  exact_decode, chunks.append, quantize=quantize)
     return "".join(chunks).rstrip("\n")
 
 
@@ -2586,7 +3078,7 @@ PROGRESS_MIN_IMAGES = 32  # fewer finish before progress would tell anything
 
 
 def _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
-                  exact_decode, write, stderr=None) -> int:
+                  exact_decode, write, stderr=None, quantize=None) -> int:
     """The command line's work: each image's result passed to write() (a str ending in a
     newline) as soon as it is ready, in input order. Returns the number of inputs skipped:
     files that could not be read and folders without images, each reported on stderr in one
@@ -2608,8 +3100,8 @@ def _classify_cli(images, weights, variant, source, backend, top_k, resize, json
                          f"no image files in {len(problems)} folders: {'; '.join(problems)}")
     # one file asked for: unreadable, it is an error (nothing printed), as it always was
     single = len(images) == 1 and not os.path.isdir(images[0])
-    model = (_cli_pretrained(variant, source, backend, dtype) if variant is not None else
-             load(weights, backend=backend, dtype=dtype))
+    model = (_cli_pretrained(variant, source, backend, dtype, quantize) if variant is not None
+             else load(weights, backend=backend, dtype=dtype, quantize=quantize))
     progress = _Progress(len(paths), stderr) if (
         len(paths) > PROGRESS_MIN_IMAGES and stderr.isatty()) else None
 
@@ -2741,14 +3233,14 @@ class _Progress:
             self.stream.flush()
 
 
-def _cli_pretrained(variant, source, backend, dtype):
+def _cli_pretrained(variant, source, backend, dtype, quantize=None):
     """pretrained() with the CLI's notes on stderr; stdout stays the result (--json safe)."""
     checkpoint = official_checkpoint(variant, source)
     fresh = not os.path.exists(cache_path(checkpoint))
     bar = _ProgressBar(checkpoint, sys.stderr)
     try:
         model = pretrained(variant, source, backend=backend, progress=bar if fresh else None,
-                           dtype=dtype)
+                           dtype=dtype, quantize=quantize)
     finally:
         bar.close()
     if fresh:
@@ -2916,6 +3408,8 @@ def main(argv=None) -> int:
 
     def body():
         if picture["show_weights"] is not None:
+            if args.quantize:
+                raise MixerError("--quantize goes with classifying images, not --show-weights")
             if args.images:
                 raise MixerError("--show-weights draws the weights; give no IMAGE with it")
             write(_show_weights_cli(picture["show_weights"], args.weights, args.variant,

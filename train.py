@@ -900,7 +900,11 @@ def build_model(classes, weights=None, variant=None, image_size=None, keep_head=
         # the official fine-tuning head: zero-initialised, so training starts from uniform logits
         params["head/kernel"] = np.zeros((config.hidden_dim, n), np.float32)
         params["head/bias"] = np.zeros((n,), np.float32)
-    return config, params, model.preprocessing, os.path.basename(weights)
+    source = os.path.basename(weights)
+    if model.quantization:  # numpy_params dequantised them: training updates float32 weights
+        source += (f" (int{model.quantization['bits']} weights: fine-tuned from their "
+                   f"dequantised float32 copy)")
+    return config, params, model.preprocessing, source
 
 
 # --------------------------------------------------------------------------------------------

@@ -237,8 +237,8 @@ def test_bfloat16_matches_mlx(tmp_path, params, images):
 
 
 def test_unknown_save_dtype(tmp_path, params):
-    with pytest.raises(mixer.MixerError, match="unsupported dtype 'int8'"):
-        mixer.Mixer(SMALL, params, backend="numpy").save(str(tmp_path / "x"), dtype="int8")
+    with pytest.raises(mixer.MixerError, match="unsupported dtype 'int3'"):
+        mixer.Mixer(SMALL, params, backend="numpy").save(str(tmp_path / "x"), dtype="int3")
     assert os.listdir(tmp_path) == []
 
 
