@@ -161,7 +161,8 @@ def worker(backend, variant, options):
     max_call_seconds = options["max_call_seconds"]
     inputs, skipped, unusable = {}, {}, None
     try:
-        model = build_model(config, backend, options["dtype"], options["torch_device"])
+        model = (mixer.load(options["weights"], backend=backend) if options.get("weights") else
+                 build_model(config, backend, options["dtype"], options["torch_device"]))
     except mixer.MixerError as e:
         unusable = str(e)
     for line in sys.stdin:
@@ -263,10 +264,12 @@ PEAK_RSS = ("import resource, sys\n"
             "print(peak, file=sys.stderr)\n")
 
 
-def bench_cli(variant, backend, tmp):
-    """Wall time of `python mixer.py IMG --weights F` (first and second run) and its peak RSS."""
+def bench_cli(variant, backend, tmp, weights=None):
+    """Wall time of `python mixer.py IMG --weights F` (first and second run) and its peak RSS;
+    F: `weights`, or a random float32 file of the variant."""
     config = mixer.VARIANTS[variant]
-    weights = os.path.join(tmp, variant.replace("/", "_") + ".safetensors")
+    if weights is None:
+        weights = os.path.join(tmp, variant.replace("/", "_") + ".safetensors")
     if not os.path.exists(weights):
         mixer.init(config, backend="numpy").save(weights)
     image = os.path.join(tmp, "image.png")
@@ -323,6 +326,74 @@ def bench_train(backends, steps, timeout):
         if ref and "train_images_per_s" in r:
             r["vs_torch"] = r["train_images_per_s"] / ref["train_images_per_s"]
     return rows
+
+
+# --- quantised weights: size, peak RSS, speed and logit error beside float32 ----------------
+
+QUANT_DTYPES = ("float32", "int8", "int4")
+
+
+def quant_files(variant: str, tmp: str) -> dict:
+    """The variant's random weights (official init, a non-zero head) as float32, int8 and int4
+    files (groups of mixer.DEFAULT_GROUP_SIZE): {dtype: path}."""
+    model = build_model(mixer.VARIANTS[variant], "numpy")
+    files = {}
+    for dtype in QUANT_DTYPES:
+        files[dtype] = os.path.join(tmp, f"{variant.replace('/', '_')}-{dtype}.safetensors")
+        model.save(files[dtype], dtype=dtype)
+    return files
+
+
+def bench_quant(variant, backends, batch_sizes, rounds, seconds, max_call_seconds, tmp):
+    """Each backend with each of the three files, every one in its own worker process, timed in
+    interleaved rounds (best round counts); speed as a ratio to the same backend's float32, the
+    logits' relative error ||q - f|| / ||f|| against float32 at batch 1, the file size, and the
+    CLI's peak RSS (numpy: the default backend on a CPU)."""
+    files = quant_files(variant, tmp)
+    rows = []
+    for b in backends:
+        workers = {d: Worker(b, variant, {"weights": files[d], "dtype": "float32",
+                                          "torch_device": "cpu",
+                                          "max_call_seconds": max_call_seconds})
+                   for d in QUANT_DTYPES}
+        try:
+            for bs in batch_sizes:
+                best, logits, skipped = {d: float("inf") for d in workers}, {}, {}
+                for _ in range(rounds):
+                    for d, w in workers.items():
+                        if d in skipped:
+                            continue
+                        answer = w.ask(batch=bs, seconds=seconds)
+                        if "skipped" in answer:
+                            skipped[d] = answer["skipped"]
+                            continue
+                        best[d] = min(best[d], answer["seconds"])
+                        if answer["logits"] is not None:
+                            logits[d] = np.array(answer["logits"])
+                for d in QUANT_DTYPES:
+                    row = {"variant": variant, "backend": b, "weights": d, "batch": bs}
+                    if d in skipped:
+                        rows.append({**row, "skipped": skipped[d]})
+                        continue
+                    row.update(seconds=best[d], images_per_s=bs / best[d])
+                    if "float32" not in skipped:
+                        row["time_vs_float32"] = best[d] / best["float32"]
+                    if d in logits and "float32" in logits:
+                        f = logits["float32"]
+                        row["logit_rel_error"] = float(np.linalg.norm(logits[d] - f)
+                                                       / np.linalg.norm(f))
+                    rows.append(row)
+        finally:
+            for w in workers.values():
+                w.close()
+    sizes = {d: os.path.getsize(path) for d, path in files.items()}
+    cli = {d: bench_cli(variant, "numpy", tmp, weights=files[d]) for d in QUANT_DTYPES}
+    files_rows = [{"variant": variant, "weights": d, "file_mib": sizes[d] / 2**20,
+                   "size_vs_float32": sizes[d] / sizes["float32"],
+                   "cli_peak_rss_mib": cli[d]["peak_rss_mib"],
+                   "rss_vs_float32": cli[d]["peak_rss_mib"] / cli["float32"]["peak_rss_mib"],
+                   "cli_second_s": cli[d]["second_s"]} for d in QUANT_DTYPES]
+    return rows, files_rows
 
 
 # --- photos: end to end, from camera-sized JPEG files -----------------------------------------
@@ -570,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-call-seconds", type=float, default=30.0,
                         help="skip a backend/batch whose first call takes longer (e.g. tinygrad "
                              "on a CPU without BEAM at B/16, batch 32)")
+    parser.add_argument("--quant", action="store_true",
+                        help="also compare int8 and int4 weights files with float32: size, the "
+                             "CLI's peak RSS, speed per backend, logit error")
     parser.add_argument("--photos", action="store_true",
                         help="also the end-to-end rows on 32 generated 12-megapixel JPEGs "
                              "(made once under --photos-dir, ~1 min): Mixer.classify and "
@@ -669,6 +743,25 @@ def main(argv=None):
                                ("train_images_per_s", ".1f"), ("vs_torch", ".2f"),
                                ("skipped", "")])
 
+    quant = None
+    if args.quant:
+        quant = {"speed": [], "files": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for variant in args.variants:
+                speed, files = bench_quant(variant, backends, args.batch_sizes, args.rounds,
+                                           args.seconds, args.max_call_seconds, tmp)
+                quant["speed"] += speed
+                quant["files"] += files
+        print_table("quantised weights: files and `python mixer.py IMG --weights F` (numpy)",
+                    quant["files"], [("variant", ""), ("weights", ""), ("file_mib", ".1f"),
+                                     ("size_vs_float32", ".3f"), ("cli_peak_rss_mib", ".0f"),
+                                     ("rss_vs_float32", ".2f"), ("cli_second_s", ".2f")])
+        print_table("quantised weights: forward speed (time_vs_float32 < 1: faster than the "
+                    "same backend's float32) and logits against float32", quant["speed"],
+                    [("variant", ""), ("backend", ""), ("weights", ""), ("batch", "d"),
+                     ("images_per_s", ".1f"), ("time_vs_float32", ".3f"),
+                     ("logit_rel_error", ".4f"), ("skipped", "")])
+
     photos = None
     if args.photos:
         photos = bench_photos(args.variants, backends, args.rounds, args.photos_dir,
@@ -677,7 +770,7 @@ def main(argv=None):
 
     if args.json:
         doc = {"machine": machine, "inference": inference, "cli": cli, "training": training,
-               "photos": photos}
+               "quant": quant, "photos": photos}
         with mixer.atomic_write(args.json) as f:
             f.write(json.dumps(doc, indent=2).encode())
     return 0

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import bench
@@ -50,3 +51,33 @@ def test_bench_half_precision(tmp_path):
     rows = {r["backend"]: r for r in doc["inference"]}
     assert "float32 only" in rows["numpy"]["skipped"]
     assert rows["mlx"]["images_per_s"] > 0
+
+
+def test_bench_quant(tmp_path):
+    """--quant: the three files of one variant, each loaded by its own worker; sizes and RSS
+    from the files and the CLI, speed ratios against the same backend's float32, and the logit
+    error against float32 recomputed here from the files themselves."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--variants", "S/32", "--backends", "numpy", "--batch-sizes", "1",
+                       "--rounds", "1", "--seconds", "0", "--no-torch", "--no-train", "--no-cli",
+                       "--quant", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())["quant"]
+    files = {r["weights"]: r for r in doc["files"]}
+    assert set(files) == {"float32", "int8", "int4"}
+    f32 = mixer.num_params(mixer.VARIANTS["S/32"]) * 4 / 2**20
+    assert files["float32"]["file_mib"] == pytest.approx(f32, rel=0.01)
+    for d, most in (("int8", 0.28), ("int4", 0.16)):
+        assert 0.1 < files[d]["size_vs_float32"] <= most
+        assert files[d]["cli_peak_rss_mib"] > files[d]["file_mib"]
+    speed = {r["weights"]: r for r in doc["speed"]}
+    assert speed["float32"]["time_vs_float32"] == 1.0
+    assert speed["float32"]["logit_rel_error"] == 0.0
+    # the quantised logits differ from float32 by what the format's rounding allows: int4 more
+    assert 0 < speed["int8"]["logit_rel_error"] < speed["int4"]["logit_rel_error"] < 0.5
+    # the same weights and input as the workers: build_model's seeds and worker's input seed
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
+    model = bench.build_model(mixer.VARIANTS["S/32"], "numpy")
+    model.save(str(tmp_path / "q.safetensors"), dtype="int8")
+    f, g = model(x)[0], mixer.load(str(tmp_path / "q.safetensors"), backend="numpy")(x)[0]
+    assert speed["int8"]["logit_rel_error"] == pytest.approx(
+        np.linalg.norm(g - f) / np.linalg.norm(f), rel=1e-3)
