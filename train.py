@@ -97,7 +97,9 @@ DEFAULTS = {
     "steps": None,  # the schedule's length: --steps, or from --epochs
     "epochs": None,
     "batch_size": 512,  # official fine-tuning batch
-    "accum_steps": 1,  # official configs reach 512 with e.g. 8 accumulation steps
+    "accum_steps": None,  # chosen from the memory budget (plan_micro_batches)
+    "memory_budget": None,  # GiB; None: the device's (memory_budget)
+    "dtype": "float32",  # compute dtype; weights, momentum and the update stay float32
     "lr": 0.03,  # official base lr (grid 0.003-0.06)
     "warmup": None,  # official 500 steps, capped at 5% of a shorter run
     "val_fraction": None,  # 0.1 when DATA_DIR has no val/
@@ -108,7 +110,10 @@ DEFAULTS = {
     "decode_cache_mib": 1024,  # decoded images kept in memory between epochs (DecodeCache)
 }
 # Settings that --resume may change because they do not change the result.
-RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every", "decode_cache_mib"}
+# The micro-batch (accum_steps, memory_budget) changes the result only by float rounding: the
+# gradient is the mean over the same images.
+RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every", "decode_cache_mib",
+                     "accum_steps", "memory_budget"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,6 +152,7 @@ def cross_entropy(xp, logits, onehot):
 #   mean_over_ranks(tree)  data-parallel all-reduce of arrays (identity on one process)
 #   sum_over_ranks(v)      the same for a Python number (evaluation counts, stop requests)
 #   scalar(v), sync(tree)  a (1,) float32 input; wait for the arrays
+#   cast(x, dtype), where(c, x, y)                            mixed precision
 #   split_batch(n, fn)     [fn(lo, hi) per part] with the parts of a batch of n on separate
 #                          cores (mixer.MlxOps.split_batch), or None: run it whole
 # Labels travel one-hot, so that the loss is the same arithmetic on every backend (no gather).
@@ -187,6 +193,12 @@ class MlxBackend:
 
     def scalar(self, value):
         return self.mx.array([value], dtype=self.mx.float32)
+
+    def cast(self, x, dtype: str):
+        return x.astype(getattr(self.mx, dtype))
+
+    def where(self, condition, x, y):
+        return self.mx.where(condition, x, y)
 
     def sync(self, tree):
         self.mx.eval(tree)
@@ -239,6 +251,12 @@ class TinygradBackend:
         # (1,), not 0-d: TinyJit refuses 0-d inputs made from numpy
         return self.tg.Tensor(np.array([value], np.float32)).realize()
 
+    def cast(self, x, dtype: str):
+        return x.cast(getattr(self.tg.dtypes, dtype))
+
+    def where(self, condition, x, y):
+        return condition.where(x, y)
+
     def sync(self, tree):
         self.tg.Tensor.realize(*_leaves(tree))
 
@@ -287,11 +305,21 @@ class Trainer:
     update(lr)             averages the sums (over micro-batches and ranks), takes one SGD step,
                            clears the sums; returns (mean loss, gradient norm) as floats
     logits(x)              the current model's logits
+
+    Mixed precision (dtype bfloat16 or float16): the forward and backward run on a copy of the
+    params in that dtype; params, momentum, the gradient sums, the update, the logits' softmax
+    and the loss stay float32. float16 scales the loss by loss_scale (its gradients underflow
+    below 6e-8 otherwise): a step whose gradient is not finite is skipped (`skipped`), the
+    scale halved; after LOSS_SCALE_GROWTH good steps it doubles. bfloat16 has float32's range.
     """
 
     def __init__(self, xp, config: mixer.MixerConfig, params: dict, momentum: dict | None = None,
-                 accum_steps: int = 1):
-        self.xp, self.config = xp, config
+                 accum_steps: int = 1, dtype: str = "float32", loss_scale: tuple | None = None):
+        self.xp, self.config, self.dtype = xp, config, dtype
+        scaled = dtype == "float16"
+        # (scale, good steps since the last change), saved with the state for an exact resume
+        self.loss_scale, self.good_steps = loss_scale or (LOSS_SCALE_START if scaled else 1.0, 0)
+        self.skipped = False
         asarray = xp.ops.asarray
         self.state = {
             "params": {k: asarray(v) for k, v in params.items()},
@@ -303,21 +331,32 @@ class Trainer:
         state, n = self.state, config.num_blocks
         # weight: the part's share of the micro-batch, so that the parts' weighted mean losses
         # (and their gradients) sum to the micro-batch's; 1.0, exact, for a whole micro-batch
-        loss_and_grads = xp.value_and_grad(lambda p, x, onehot, weight: (cross_entropy(
-            xp, mixer.forward(xp.ops, p, x, n), onehot) * weight).sum())
+        def model(p, x):
+            if dtype == "float32":
+                return mixer.forward(xp.ops, p, x, n)
+            p = {k: xp.cast(v, dtype) for k, v in p.items()}
+            return xp.cast(mixer.forward(xp.ops, p, xp.cast(x, dtype), n), "float32")
+        # scale: the loss scale (1.0, exact, unless float16)
+        loss_and_grads = xp.value_and_grad(lambda p, x, onehot, weight, scale: (cross_entropy(
+            xp, model(p, x), onehot) * weight * scale).sum())
 
-        def accumulate(x, onehot, weight):
-            loss, grads = loss_and_grads(state["params"], x, onehot, weight)
+        def accumulate(x, onehot, weight, scale):
+            loss, grads = loss_and_grads(state["params"], x, onehot, weight, scale)
             for k, g in grads.items():
                 xp.assign(state["grad_sum"], k, state["grad_sum"][k] + g)
             xp.assign(state, "loss_sum", state["loss_sum"] + loss)
 
-        def update(lr):
+        def update(lr, scale):
             sums = xp.mean_over_ranks({**state["grad_sum"], "": state["loss_sum"]})
-            loss = sums.pop("") / accum_steps
-            grads = {k: g / accum_steps for k, g in sums.items()}
+            loss = sums.pop("") / (accum_steps * scale)
+            grads = {k: g / (accum_steps * scale) for k, g in sums.items()}
             params, momentum, norm = sgd_momentum(xp, state["params"], state["momentum"],
                                                   grads, lr)
+            if scaled:  # keep the old params and momentum when the gradient overflowed
+                finite = norm < float("inf")  # False for inf and NaN
+                params = {k: xp.where(finite, v, state["params"][k]) for k, v in params.items()}
+                momentum = {k: xp.where(finite, v, state["momentum"][k])
+                            for k, v in momentum.items()}
             for k in params:
                 xp.assign(state["params"], k, params[k])
                 xp.assign(state["momentum"], k, momentum[k])
@@ -334,22 +373,160 @@ class Trainer:
 
         def part(lo, hi):
             self._accumulate(xp.ops.asarray(x[lo:hi]), xp.ops.asarray(onehot[lo:hi]),
-                             xp.scalar((hi - lo) / n))
+                             xp.scalar((hi - lo) / n), xp.scalar(self.loss_scale))
             return self.state  # what split_batch evaluates: every part's sums
         if xp.split_batch(n, part) is None:
             part(0, n)
         xp.sync(self.state)
 
     def update(self, lr: float) -> tuple[float, float]:
-        loss, norm = self._update(self.xp.scalar(lr))
+        loss, norm = self._update(self.xp.scalar(lr), self.xp.scalar(self.loss_scale))
         self.xp.sync(self.state)
-        return float(loss.item()), float(norm.item())
+        loss, norm = float(loss.item()), float(norm.item())
+        if self.dtype == "float16":
+            self.skipped = not math.isfinite(norm)
+            self.good_steps = 0 if self.skipped else self.good_steps + 1
+            if self.skipped:
+                self.loss_scale /= 2
+            elif self.good_steps == LOSS_SCALE_GROWTH:
+                self.loss_scale, self.good_steps = self.loss_scale * 2, 0
+        return loss, norm
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        # evaluated in float32: the master weights, as saved
         return self.xp.ops.numpy(self._logits(self.state["params"], self.xp.ops.asarray(x)))
 
     def numpy(self, part: str) -> dict[str, np.ndarray]:
         return {k: self.xp.ops.numpy(v) for k, v in self.state[part].items()}
+
+
+# float16 loss scaling (the usual dynamic scheme): the first scale, and the good steps after
+# which it doubles
+LOSS_SCALE_START = 2.0 ** 15
+LOSS_SCALE_GROWTH = 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the micro-batch is chosen from a memory budget, and --batch-size reached by accumulation.
+
+# Activation bytes per image of a training micro-batch, per float of the model's per-block
+# minimum (what the backward must keep: 4 (S, C) arrays, and the input and output of each MLP's
+# GELU) and per float of the image. Measured with mx.get_peak_memory on MLX's CPU, custom GELU
+# VJP: S/32 at 224 36.0-36.7 MiB per image (2.05x the 563 200 floats per block x 8 blocks plus
+# 3x the image); ACTIVATION_MARGIN covers the configs that measured above the formula.
+ACTIVATION_FACTOR = 2.05
+ACTIVATION_MARGIN = 1.25
+# On a CPU the budget is this share of the memory the system calls available: a CPU's
+# images/s no longer grows past a few dozen images per micro-batch, so more buys nothing, and
+# the rest stays with the page cache and the programs beside the run. 0.25 of this 24 GB
+# machine's ~23 GB keeps the default run under 6 GiB.
+CPU_MEMORY_SHARE = 0.25
+PROCESS_BYTES = 600 * 2**20  # Python, numpy, MLX and Pillow loaded, before any array (RSS)
+
+
+def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
+    """Estimated bytes each image adds to a training micro-batch's peak, margin included."""
+    s, c = config.num_tokens, config.hidden_dim
+    block = 4 * s * c + 2 * c * config.tokens_mlp_dim + 2 * s * config.channels_mlp_dim
+    floats = ACTIVATION_FACTOR * config.num_blocks * block + 3 * 3 * config.image_size ** 2
+    return math.ceil(floats * np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+                     * ACTIVATION_MARGIN)
+
+
+def fixed_bytes(config: mixer.MixerConfig, dtype: str, share: int, decode_cache: int) -> int:
+    """Bytes a training process holds whatever its micro-batch: float32 params, momentum,
+    gradient sums and one micro-batch's gradients (a half-precision copy of the params besides,
+    in mixed precision), the loader's batches (this process's `share` of a batch, float32, the
+    one in use and two decoded ahead), the decode cache's budget and the process itself."""
+    params = mixer.num_params(config)
+    weights = params * (16 + (2 if dtype != "float32" else 0))
+    batches = 3 * share * config.image_size ** 2 * 3 * 4
+    return weights + batches + decode_cache + PROCESS_BYTES
+
+
+def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
+                       processes: int = 1) -> tuple[int, int]:
+    """-> (micro-batch, accumulation steps): the largest micro-batch whose estimated peak
+    fixed + micro x per_image fits in budget and that divides each process's share of
+    batch_size, so that micro x accumulation steps x processes == batch_size exactly. Refuses
+    (MixerError) when the share is not whole or when one image does not fit."""
+    if batch_size % processes:
+        raise MixerError(f"--batch-size {batch_size} must be a multiple of the {processes} "
+                         f"processes")
+    share = batch_size // processes
+    fits = (budget - fixed) // per_image
+    if fits < 1:
+        raise MixerError(f"training needs about {mixer._gib(fixed + per_image)} for one image per "
+                         f"micro-batch ({mixer._gib(fixed)} fixed + {mixer._gib(per_image)} per image), more "
+                         f"than the {mixer._gib(budget)} budget: give a larger --memory-budget if "
+                         f"the device has it, a smaller model or --image-size, or "
+                         f"--dtype bfloat16")
+    micro = max(m for m in range(1, min(fits, share) + 1) if share % m == 0)
+    return micro, share // micro
+
+
+def memory_budget(xp) -> tuple[int, str]:
+    """-> (bytes, where they come from): the recommended working set of an Apple GPU, the free
+    memory of a CUDA GPU (both as MLX reports them), else a CPU_MEMORY_SHARE of the memory
+    available to programs (for tinygrad too: it reports no device memory)."""
+    if xp.name == "mlx" and xp.mx.default_device() != xp.mx.cpu:
+        info = xp.mx.device_info()
+        for key, what in (("max_recommended_working_set_size", "the GPU's recommended working "
+                           "set"), ("free_memory", "the GPU's free memory")):
+            if info.get(key):
+                return int(info[key]), what
+    available = _available_memory()
+    if available is None:
+        raise MixerError("cannot tell how much memory this machine has: give --memory-budget GIB")
+    return int(CPU_MEMORY_SHARE * available), f"{CPU_MEMORY_SHARE:.0%} of available memory"
+
+
+def _available_memory() -> int | None:
+    """Bytes the system can give programs now: Linux's MemAvailable (which counts the page
+    cache it would drop), else the free pages POSIX reports, else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
+    """-> (micro-batch, accumulation steps, the line that says why) for the run's settings:
+    chosen from the memory budget, or --accum-steps as given (with a warning in the line when
+    its estimate exceeds the budget: the user asked for it, and the estimate has a margin)."""
+    batch_size, processes = s["batch_size"], xp.size
+    per_image = activation_bytes(config, s["dtype"])
+    fixed = fixed_bytes(config, s["dtype"], batch_size // processes,
+                        s["decode_cache_mib"] * 2**20)
+    if s["memory_budget"] is not None:
+        budget, source = int(s["memory_budget"] * 2**30), "--memory-budget"
+    else:
+        budget, source = memory_budget(xp)
+    if s["accum_steps"] is None:
+        micro, accum = choose_micro_batch(per_image, fixed, budget, batch_size, processes)
+        how = "chosen"
+    else:
+        accum = s["accum_steps"]
+        if batch_size % (accum * processes):
+            raise MixerError(f"--batch-size {batch_size} must be a multiple of --accum-steps "
+                             f"{accum} x {processes} process{'es' * (processes > 1)}")
+        micro, how = batch_size // (accum * processes), "--accum-steps"
+    peak = fixed + micro * per_image
+    line = (f"micro-batch {micro} x {accum} accumulation steps"
+            + (f" x {processes} processes" if processes > 1 else "")
+            + f" = {batch_size} per step ({how}): ~{mixer._gib(peak)} estimated of a {mixer._gib(budget)} "
+              f"budget ({source})")
+    if peak > budget:
+        line += (f"; WARNING: more than the budget, a smaller micro-batch (leave out "
+                 f"--accum-steps) would fit")
+    return micro, accum, line
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,9 +1029,10 @@ STATE_KEYS = {"version": int, "step": int, "settings": dict, "classes": list, "c
               "preprocessing": (dict, None), "source": str, "best_val_top1": (float, None),
               "best_step": (int, None), "val_top1": (float, None), "window": dict, "data": dict}
 SETTING_KEYS = {"data_dir": str, "backend": str, "steps": int, "batch_size": int,
-                "accum_steps": int, "lr": float, "warmup": int, "seed": int, "eval_every": int,
+                "accum_steps": (int, None), "lr": float, "warmup": int, "seed": int, "eval_every": int,
                 "log_every": int, "image_size": int, "augment": bool,
-                "val_fraction": (float, None), "workers": (int, None), "decode_cache_mib": int}
+                "val_fraction": (float, None), "workers": (int, None), "decode_cache_mib": int,
+                "memory_budget": (float, None), "dtype": str}
 WINDOW_KEYS = {"loss": float, "grad_norm": float, "n": int}
 DATA_KEYS = {"digest": str, "num_train": int}
 
@@ -907,7 +1085,8 @@ def load_state(run_dir: str):
                          f"{STATE_VERSION}")
     problem = _check_keys("the state", info, STATE_KEYS)
     if problem is None and isinstance(info["settings"], dict):  # saved before the option existed
-        info["settings"].setdefault("decode_cache_mib", DEFAULTS["decode_cache_mib"])
+        for key in ("decode_cache_mib", "memory_budget", "dtype"):
+            info["settings"].setdefault(key, DEFAULTS[key])
     problem = (problem
                or _check_keys("the state's settings", info["settings"], SETTING_KEYS)
                or _check_keys("the state's window", info["window"], WINDOW_KEYS)
@@ -1218,7 +1397,8 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
           no_augment=False, out=None, resume=None, keep_head=False, hidden_dim=None,
           num_blocks=None, patch_size=None, tokens_mlp_dim=None, channels_mlp_dim=None,
           val_fraction=None, seed=None, eval_every=None, log_every=None, workers=None,
-          decode_cache_mib=None, stop_after=None, quiet=False) -> TrainResult:
+          decode_cache_mib=None, memory_budget=None, dtype=None, stop_after=None,
+          quiet=False) -> TrainResult:
     """Fine-tunes (or trains from scratch) and writes the run directory; see the module doc.
 
     Arguments are the command line's; None means the default (DEFAULTS). stop_after=k stops
@@ -1283,7 +1463,7 @@ def _check_values(settings: dict) -> None:
               "channels_mlp_dim"):
         if settings.get(k) is not None and settings[k] < 1:
             raise MixerError(f"--{k.replace('_', '-')} must be at least 1, got {settings[k]}")
-    for k in ("lr", "epochs"):
+    for k in ("lr", "epochs", "memory_budget"):
         if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
             raise MixerError(f"--{k} must be a finite positive number, got {settings[k]}")
     for k in ("warmup", "seed"):  # numpy's generators take non-negative seeds only
@@ -1320,17 +1500,15 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
         params, momentum = saved_arrays
         preprocessing, source = info["preprocessing"], info["source"]
         start, best, best_step = info["step"], info["best_val_top1"], info["best_step"]
-    steps, batch_size, accum = s["steps"], s["batch_size"], s["accum_steps"]
-    if batch_size % (accum * xp.size):
-        raise MixerError(f"--batch-size {batch_size} must be a multiple of --accum-steps {accum}"
-                         f" x {xp.size} process{'es' * (xp.size > 1)}")
-    micro = batch_size // (accum * xp.size)
+    steps, batch_size = s["steps"], s["batch_size"]
+    micro, accum, memory_line = plan_micro_batches(xp, config, s)
     resize = (preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if xp.rank == 0:
         _truncate_metrics(run_dir, metrics_path, start)
 
-    trainer = Trainer(xp, config, params, momentum, accum)
+    trainer = Trainer(xp, config, params, momentum, accum, s["dtype"],
+                      tuple(info["loss_scale"]) if info and "loss_scale" in info else None)
     cache = DecodeCache(s["decode_cache_mib"] * 2**20)
     loader = Loader(train_split, len(classes), config.image_size, resize, s["augment"], s["seed"],
                     pool, say, cache)
@@ -1341,6 +1519,7 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
     say(f"{'resuming at step ' + str(start) + ' of ' if start else ''}{steps} steps of "
         f"{batch_size} images ({steps * batch_size / len(train_split.files):.1f} epochs), "
         f"lr {s['lr']}, warmup {s['warmup']}; writing {run_dir}")
+    say(memory_line)
     if val_split is None:
         say("no validation set: best.safetensors will not be written")
 
@@ -1358,7 +1537,7 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
             "version": STATE_VERSION, "step": step, "settings": s, "classes": classes,
             "config": config.to_dict(), "preprocessing": preprocessing, "source": source,
             "best_val_top1": best, "best_step": best_step, "val_top1": val_top1,
-            "window": window,
+            "window": window, "loss_scale": [trainer.loss_scale, trainer.good_steps],
             "data": {"num_train": len(train_split.files), "digest": digest,
                      "samples_seen": position, "epoch": position // len(train_split.files),
                      "position_in_epoch": position % len(train_split.files),
@@ -1381,24 +1560,31 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
         lr = get_lr(step + 1, s["lr"], s["warmup"], steps)
         loss, grad_norm = trainer.update(lr)
         step += 1
+        if trainer.skipped:  # float16 only: the parameters did not change (Trainer)
+            say(f"step {step}: the float16 gradient overflowed, step skipped; loss scale now "
+                f"{trainer.loss_scale:g}")
         # A non-finite gradient norm makes the parameters NaN (clipping divides by it): the
         # run has diverged as surely as with a non-finite loss, and metrics.jsonl stays JSON.
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise MixerError(f"the training diverged at step {step} (loss {loss}, gradient norm "
                              f"{grad_norm}): start again with a lower --lr")
-        window["loss"] += loss
-        window["grad_norm"] += grad_norm
-        window["n"] += 1
+        if not trainer.skipped:  # a skipped step's means are not the run's
+            window["loss"] += loss
+            window["grad_norm"] += grad_norm
+            window["n"] += 1
         timed["time"] += time.perf_counter() - t0
         timed["n"] += 1
         per_step = max(timed["time"] / timed["n"], 1e-9)
-        shown = {"loss": window["loss"] / window["n"], "images_per_s": batch_size / per_step}
+        shown = {"loss": window["loss"] / max(window["n"], 1),
+                 "images_per_s": batch_size / per_step}
         record = None
         evaluate_now = step % s["eval_every"] == 0 or step == steps
         if step % s["log_every"] == 0 or evaluate_now:
             record = {"step": step, "lr": lr, "loss": shown["loss"],
-                      "grad_norm": window["grad_norm"] / window["n"],
+                      "grad_norm": window["grad_norm"] / max(window["n"], 1),
                       "images_per_s": shown["images_per_s"]}
+            if s["dtype"] == "float16":
+                record["loss_scale"] = trainer.loss_scale
             window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
             timed = {"time": 0.0, "n": 0}
         if evaluate_now and val_split is not None:
@@ -2121,7 +2307,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=int, help="images per optimizer step, over all "
                         "processes (default 512)")
     recipe.add_argument("--accum-steps", type=int,
-                        help="split each batch into this many micro-batches (default 1)")
+                        help="split each batch into this many micro-batches (default: the "
+                             "fewest that fit --memory-budget)")
+    recipe.add_argument("--dtype", choices=mixer.COMPUTE_DTYPES,
+                        help="compute dtype of the forward and backward (default float32; "
+                             "weights, momentum and the update stay float32; float16 scales "
+                             "the loss)")
     recipe.add_argument("--lr", type=float, help="base learning rate (default 0.03)")
     recipe.add_argument("--warmup", type=int, help="linear warmup steps (default min(500, 5%% "
                         "of the steps))")
@@ -2142,6 +2333,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=int,
                      help="evaluate and checkpoint every N steps (default: 10 times a run)")
     run.add_argument("--log-every", type=int, help="steps per metrics record (default 10)")
+    run.add_argument("--memory-budget", type=float, metavar="GIB",
+                     help="memory a process may use, for choosing the micro-batch (default: an "
+                          "Apple GPU's recommended working set, a CUDA GPU's free memory, else "
+                          f"{CPU_MEMORY_SHARE:.0%} of available RAM)")
     run.add_argument("--workers", type=int, help="image decoding threads (default: cores, <= 8)")
     run.add_argument("--decode-cache-mib", type=int, metavar="MIB",
                      help="memory for decoded images kept between epochs, per process "
