@@ -36,8 +36,10 @@ Ctrl-C, 128 + the signal's number otherwise), and a new run that saved nothing l
 directory behind.
 
 --batch-size counts the images of one optimizer step over all processes. Under mlx.launch each
-rank decodes and runs its share of every global batch (split into --accum-steps micro-batches),
-the gradients are averaged with all_sum / size, and only rank 0 writes files.
+rank decodes and runs its share of every global batch (split into micro-batches: as many as the
+memory budget needs, plan_micro_batches, or --accum-steps), the gradients are averaged with
+all_sum / size, and only rank 0 writes files. --dtype bfloat16|float16 computes the forward and
+backward in half precision on float32 master weights (Trainer).
 
 The optimizer and the loss are written once (`get_lr`, `sgd_momentum`, `cross_entropy`) over a
 small per-backend adapter; the model is mixer.forward over mixer.py's shim.
@@ -51,6 +53,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -158,12 +161,50 @@ def cross_entropy(xp, logits, onehot):
 # Labels travel one-hot, so that the loss is the same arithmetic on every backend (no gather).
 
 
+@functools.cache
+def _mlx_gelu_keeping_input():
+    """mixer.MlxOps's GELU with its gradient written out, so that the backward keeps only x:
+    autodiff through its exp rewrite keeps u, the exp and the denominator of every MLP hidden
+    layer, 50.3 MiB of activations per image for an S/32 training step at 224 against 21.8
+    with this (mx.get_peak_memory on MLX's CPU); step time 0.83x and 1.03x of autodiff's in
+    two side-by-side runs (noise on a shared machine)."""
+    mx = mixer._import_mlx()
+
+    @mx.custom_function
+    def gelu(x):
+        return mixer.MlxOps._gelu(x)
+
+    @gelu.vjp
+    def gelu_vjp(x, cotangent, output):
+        # d/dx x s(2 GELU_C u) = s + x s (1 - s) 2 GELU_C (1 + 3 0.044715 x^2), s the sigmoid.
+        # Other primitives (square, sigmoid) than the forward's: mx.compile merges equal
+        # subexpressions, which would keep the forward's x^3 and exp for this backward
+        # (36.0 MiB per image instead of 21.8).
+        x2 = mx.square(x)
+        s = mx.sigmoid((2.0 * mixer.GELU_C) * x * (1.0 + 0.044715 * x2))
+        return cotangent * (s + x * s * (1.0 - s) * (2.0 * mixer.GELU_C)
+                            * (1.0 + 3 * 0.044715 * x2))
+
+    return gelu
+
+
+class MlxTrainingOps(mixer.MlxOps):
+    """mixer.MlxOps for training: the same forward, a GELU whose backward keeps only its input.
+    Inference keeps MlxOps's own GELU: through mx.custom_function the compiled S/32 forward
+    measured 1.034x the time (batch 32, side by side, twice), the custom function being a
+    boundary that mx.compile does not fuse across."""
+
+    @staticmethod
+    def _gelu(x):
+        return _mlx_gelu_keeping_input()(x)
+
+
 class MlxBackend:
     name = "mlx"
 
     def __init__(self):
         self.mx = mixer._import_mlx()
-        self.ops = mixer.MlxOps()
+        self.ops = MlxTrainingOps()
         self.group = self.mx.distributed.init()
         self.rank, self.size = self.group.rank(), self.group.size()
         self.sqrt, self.maximum, self.zeros_like = self.mx.sqrt, self.mx.maximum, self.mx.zeros_like
@@ -409,12 +450,13 @@ LOSS_SCALE_GROWTH = 1000
 # --------------------------------------------------------------------------------------------
 # Memory: the micro-batch is chosen from a memory budget, and --batch-size reached by accumulation.
 
-# Activation bytes per image of a training micro-batch, per float of the model's per-block
-# minimum (what the backward must keep: 4 (S, C) arrays, and the input and output of each MLP's
-# GELU) and per float of the image. Measured with mx.get_peak_memory on MLX's CPU, custom GELU
-# VJP: S/32 at 224 36.0-36.7 MiB per image (2.05x the 563 200 floats per block x 8 blocks plus
-# 3x the image); ACTIVATION_MARGIN covers the configs that measured above the formula.
-ACTIVATION_FACTOR = 2.05
+# Activation bytes per image of a training micro-batch: ACTIVATION_FACTOR floats per float of
+# the per-block minimum (what a block's backward must keep: 4 (S, C) arrays, and the input and
+# output of each MLP's GELU), for the blocks plus one (the backward's temporaries), and one
+# per pixel value of the image. Fitted to mx.get_peak_memory on MLX's CPU (custom GELU VJP): 1.10
+# for S/32 at 224 (21.8 MiB per image) and for 4 of its blocks, 1.12 for C=768 at 224, 1.18 and
+# 1.25 for P=16 C=128 at 64 and C=256 at 128. ACTIVATION_MARGIN covers the spread.
+ACTIVATION_FACTOR = 1.15
 ACTIVATION_MARGIN = 1.25
 # On a CPU the budget is this share of the memory the system calls available: a CPU's
 # images/s no longer grows past a few dozen images per micro-batch, so more buys nothing, and
@@ -428,7 +470,7 @@ def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
     """Estimated bytes each image adds to a training micro-batch's peak, margin included."""
     s, c = config.num_tokens, config.hidden_dim
     block = 4 * s * c + 2 * c * config.tokens_mlp_dim + 2 * s * config.channels_mlp_dim
-    floats = ACTIVATION_FACTOR * config.num_blocks * block + 3 * 3 * config.image_size ** 2
+    floats = ACTIVATION_FACTOR * (config.num_blocks + 1) * block + 3 * config.image_size ** 2
     return math.ceil(floats * np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
                      * ACTIVATION_MARGIN)
 
@@ -1093,6 +1135,12 @@ def load_state(run_dir: str):
                or _check_keys("the state's data", info["data"], DATA_KEYS))
     if problem is None and info["step"] < 0:
         problem = f"the state's step is {info['step']}"
+    scale = problem is None and info.get("loss_scale", [1.0, 0])  # [scale, good steps]
+    if problem is None and not (isinstance(scale, list) and len(scale) == 2
+                                and _check_keys("", dict(zip("sg", scale)),
+                                                {"s": float, "g": int}) is None
+                                and scale[0] > 0 and scale[1] >= 0):
+        problem = f"the state's loss_scale is {scale!r}"
     if problem is None and not (len(info["classes"]) >= 2
                                 and all(isinstance(c, str) for c in info["classes"])):
         problem = f"the state's classes are {info['classes'][:3]!r}..."
@@ -1502,6 +1550,7 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
         start, best, best_step = info["step"], info["best_val_top1"], info["best_step"]
     steps, batch_size = s["steps"], s["batch_size"]
     micro, accum, memory_line = plan_micro_batches(xp, config, s)
+    mixer.get_ops(xp.name, s["dtype"])  # a device that cannot compute the dtype says so here
     resize = (preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if xp.rank == 0:
