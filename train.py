@@ -458,12 +458,15 @@ LOSS_SCALE_GROWTH = 1000
 # 1.25 for P=16 C=128 at 64 and C=256 at 128. ACTIVATION_MARGIN covers the spread.
 ACTIVATION_FACTOR = 1.15
 ACTIVATION_MARGIN = 1.25
-# On a CPU the budget is this share of the memory the system calls available: a CPU's
-# images/s no longer grows past a few dozen images per micro-batch, so more buys nothing, and
-# the rest stays with the page cache and the programs beside the run. 0.25 of this 24 GB
-# machine's ~23 GB keeps the default run under 6 GiB.
+# On a CPU the budget is this share of the memory the system calls available: on this 24 GB
+# machine (~22 GB available) a 5.1-5.5 GiB budget, under 6 GiB for the default S/32 run (which
+# then chose 64 x 8 and peaked at 2.9-3.0 GiB RSS, split or not); the rest stays with the page
+# cache and the programs beside the run. Whether a CPU trains faster with larger micro-batches
+# was not measured.
 CPU_MEMORY_SHARE = 0.25
-PROCESS_BYTES = 600 * 2**20  # Python, numpy, MLX and Pillow loaded, before any array (RSS)
+# The process itself: 50 MiB RSS with train, mixer, MLX and Pillow imported (measured); the rest
+# leaves room for the decoding threads and MLX's compiled kernels (not measured apart).
+PROCESS_BYTES = 256 * 2**20
 
 
 def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
