@@ -36,8 +36,10 @@ Ctrl-C, 128 + the signal's number otherwise), and a new run that saved nothing l
 directory behind.
 
 --batch-size counts the images of one optimizer step over all processes. Under mlx.launch each
-rank decodes and runs its share of every global batch (split into --accum-steps micro-batches),
-the gradients are averaged with all_sum / size, and only rank 0 writes files.
+rank decodes and runs its share of every global batch (split into micro-batches: as many as the
+memory budget needs, plan_micro_batches, or --accum-steps), the gradients are averaged with
+all_sum / size, and only rank 0 writes files. --dtype bfloat16|float16 computes the forward and
+backward in half precision on float32 master weights (Trainer).
 
 The optimizer and the loss are written once (`get_lr`, `sgd_momentum`, `cross_entropy`) over a
 small per-backend adapter; the model is mixer.forward over mixer.py's shim.
@@ -51,6 +53,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -97,7 +100,9 @@ DEFAULTS = {
     "steps": None,  # the schedule's length: --steps, or from --epochs
     "epochs": None,
     "batch_size": 512,  # official fine-tuning batch
-    "accum_steps": 1,  # official configs reach 512 with e.g. 8 accumulation steps
+    "accum_steps": None,  # chosen from the memory budget (plan_micro_batches)
+    "memory_budget": None,  # GiB; None: the device's (memory_budget)
+    "dtype": "float32",  # compute dtype; weights, momentum and the update stay float32
     "lr": 0.03,  # official base lr (grid 0.003-0.06)
     "warmup": None,  # official 500 steps, capped at 5% of a shorter run
     "val_fraction": None,  # 0.1 when DATA_DIR has no val/
@@ -108,7 +113,10 @@ DEFAULTS = {
     "decode_cache_mib": 1024,  # decoded images kept in memory between epochs (DecodeCache)
 }
 # Settings that --resume may change because they do not change the result.
-RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every", "decode_cache_mib"}
+# The micro-batch (accum_steps, memory_budget) changes the result only by float rounding: the
+# gradient is the mean over the same images.
+RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every", "decode_cache_mib",
+                     "accum_steps", "memory_budget"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,9 +157,48 @@ def cross_entropy(xp, logits, onehot):
 #   scalar(v), sync(tree)  a (1,) float32 input; wait for the arrays
 #   start(tree)            begin computing the arrays without waiting for them
 #   images(pixels)         uint8 (B, H, W, 3) -> the model's input, normalised on the device
+#   cast(x, dtype), where(c, x, y)                            mixed precision
 #   split_batch(n, fn)     [fn(lo, hi) per part] with the parts of a batch of n on separate
 #                          cores (mixer.MlxOps.split_batch), or None: run it whole
 # Labels travel one-hot, so that the loss is the same arithmetic on every backend (no gather).
+
+
+@functools.cache
+def _mlx_gelu_keeping_input():
+    """mixer.MlxOps's GELU with its gradient written out, so that the backward keeps only x:
+    autodiff through its exp rewrite keeps u, the exp and the denominator of every MLP hidden
+    layer, 50.3 MiB of activations per image for an S/32 training step at 224 against 21.8
+    with this (mx.get_peak_memory on MLX's CPU); step time 0.83x and 1.03x of autodiff's in
+    two side-by-side runs (noise on a shared machine)."""
+    mx = mixer._import_mlx()
+
+    @mx.custom_function
+    def gelu(x):
+        return mixer.MlxOps._gelu(x)
+
+    @gelu.vjp
+    def gelu_vjp(x, cotangent, output):
+        # d/dx x s(2 GELU_C u) = s + x s (1 - s) 2 GELU_C (1 + 3 0.044715 x^2), s the sigmoid.
+        # Other primitives (square, sigmoid) than the forward's: mx.compile merges equal
+        # subexpressions, which would keep the forward's x^3 and exp for this backward
+        # (36.0 MiB per image instead of 21.8).
+        x2 = mx.square(x)
+        s = mx.sigmoid((2.0 * mixer.GELU_C) * x * (1.0 + 0.044715 * x2))
+        return cotangent * (s + x * s * (1.0 - s) * (2.0 * mixer.GELU_C)
+                            * (1.0 + 3 * 0.044715 * x2))
+
+    return gelu
+
+
+class MlxTrainingOps(mixer.MlxOps):
+    """mixer.MlxOps for training: the same forward, a GELU whose backward keeps only its input.
+    Inference keeps MlxOps's own GELU: through mx.custom_function the compiled S/32 forward
+    measured 1.034x the time (batch 32, side by side, twice), the custom function being a
+    boundary that mx.compile does not fuse across."""
+
+    @staticmethod
+    def _gelu(x):
+        return _mlx_gelu_keeping_input()(x)
 
 
 class MlxBackend:
@@ -160,7 +207,7 @@ class MlxBackend:
 
     def __init__(self):
         self.mx = mixer._import_mlx()
-        self.ops = mixer.MlxOps()
+        self.ops = MlxTrainingOps()
         self.group = self.mx.distributed.init()
         self.rank, self.size = self.group.rank(), self.group.size()
         self.sqrt, self.maximum, self.zeros_like = self.mx.sqrt, self.mx.maximum, self.mx.zeros_like
@@ -190,6 +237,12 @@ class MlxBackend:
 
     def scalar(self, value):
         return self.mx.array([value], dtype=self.mx.float32)
+
+    def cast(self, x, dtype: str):
+        return x.astype(getattr(self.mx, dtype))
+
+    def where(self, condition, x, y):
+        return self.mx.where(condition, x, y)
 
     def sync(self, tree):
         self.mx.eval(tree)
@@ -250,6 +303,12 @@ class TinygradBackend:
     def scalar(self, value):
         # (1,), not 0-d: TinyJit refuses 0-d inputs made from numpy
         return self.tg.Tensor(np.array([value], np.float32)).realize()
+
+    def cast(self, x, dtype: str):
+        return x.cast(getattr(self.tg.dtypes, dtype))
+
+    def where(self, condition, x, y):
+        return condition.where(x, y)
 
     def sync(self, tree):
         self.tg.Tensor.realize(*_leaves(tree))
@@ -318,11 +377,21 @@ class Trainer:
     update(lr)             averages the sums (over micro-batches and ranks), takes one SGD step,
                            clears the sums; returns (mean loss, gradient norm) as floats
     logits(x)              the current model's logits
+
+    Mixed precision (dtype bfloat16 or float16): the forward and backward run on a copy of the
+    params in that dtype; params, momentum, the gradient sums, the update, the logits' softmax
+    and the loss stay float32. float16 scales the loss by loss_scale (its gradients underflow
+    below 6e-8 otherwise): a step whose gradient is not finite is skipped (`skipped`), the
+    scale halved; after LOSS_SCALE_GROWTH good steps it doubles. bfloat16 has float32's range.
     """
 
     def __init__(self, xp, config: mixer.MixerConfig, params: dict, momentum: dict | None = None,
-                 accum_steps: int = 1):
-        self.xp, self.config = xp, config
+                 accum_steps: int = 1, dtype: str = "float32", loss_scale: tuple | None = None):
+        self.xp, self.config, self.dtype = xp, config, dtype
+        scaled = dtype == "float16"
+        # (scale, good steps since the last change), saved with the state for an exact resume
+        self.loss_scale, self.good_steps = loss_scale or (LOSS_SCALE_START if scaled else 1.0, 0)
+        self.skipped = False
         asarray = xp.ops.asarray
         self.state = {
             "params": {k: asarray(v) for k, v in params.items()},
@@ -334,21 +403,32 @@ class Trainer:
         state, n = self.state, config.num_blocks
         # weight: the part's share of the micro-batch, so that the parts' weighted mean losses
         # (and their gradients) sum to the micro-batch's; 1.0, exact, for a whole micro-batch
-        loss_and_grads = xp.value_and_grad(lambda p, x, onehot, weight: (cross_entropy(
-            xp, mixer.forward(xp.ops, p, x, n), onehot) * weight).sum())
+        def model(p, x):
+            if dtype == "float32":
+                return mixer.forward(xp.ops, p, x, n)
+            p = {k: xp.cast(v, dtype) for k, v in p.items()}
+            return xp.cast(mixer.forward(xp.ops, p, xp.cast(x, dtype), n), "float32")
+        # scale: the loss scale (1.0, exact, unless float16)
+        loss_and_grads = xp.value_and_grad(lambda p, x, onehot, weight, scale: (cross_entropy(
+            xp, model(p, x), onehot) * weight * scale).sum())
 
-        def accumulate(x, onehot, weight):
-            loss, grads = loss_and_grads(state["params"], x, onehot, weight)
+        def accumulate(x, onehot, weight, scale):
+            loss, grads = loss_and_grads(state["params"], x, onehot, weight, scale)
             for k, g in grads.items():
                 xp.assign(state["grad_sum"], k, state["grad_sum"][k] + g)
             xp.assign(state, "loss_sum", state["loss_sum"] + loss)
 
-        def update(lr):
+        def update(lr, scale):
             sums = xp.mean_over_ranks({**state["grad_sum"], "": state["loss_sum"]})
-            loss = sums.pop("") / accum_steps
-            grads = {k: g / accum_steps for k, g in sums.items()}
+            loss = sums.pop("") / (accum_steps * scale)
+            grads = {k: g / (accum_steps * scale) for k, g in sums.items()}
             params, momentum, norm = sgd_momentum(xp, state["params"], state["momentum"],
                                                   grads, lr)
+            if scaled:  # keep the old params and momentum when the gradient overflowed
+                finite = norm < float("inf")  # False for inf and NaN
+                params = {k: xp.where(finite, v, state["params"][k]) for k, v in params.items()}
+                momentum = {k: xp.where(finite, v, state["momentum"][k])
+                            for k, v in momentum.items()}
             for k in params:
                 xp.assign(state["params"], k, params[k])
                 xp.assign(state["momentum"], k, momentum[k])
@@ -372,7 +452,7 @@ class Trainer:
 
         def part(lo, hi):
             self._accumulate(upload(x[lo:hi]), xp.ops.asarray(onehot[lo:hi]),
-                             xp.scalar((hi - lo) / n))
+                             xp.scalar((hi - lo) / n), xp.scalar(self.loss_scale))
             return self.state  # what split_batch evaluates: every part's sums
         if xp.split_batch(n, part) is None:
             part(0, n)
@@ -383,12 +463,21 @@ class Trainer:
         self._running = running
 
     def update(self, lr: float) -> tuple[float, float]:
-        loss, norm = self._update(self.xp.scalar(lr))
+        loss, norm = self._update(self.xp.scalar(lr), self.xp.scalar(self.loss_scale))
         self.xp.sync(self.state)
         self._running = None
-        return float(loss.item()), float(norm.item())
+        loss, norm = float(loss.item()), float(norm.item())
+        if self.dtype == "float16":
+            self.skipped = not math.isfinite(norm)
+            self.good_steps = 0 if self.skipped else self.good_steps + 1
+            if self.skipped:
+                self.loss_scale /= 2
+            elif self.good_steps == LOSS_SCALE_GROWTH:
+                self.loss_scale, self.good_steps = self.loss_scale * 2, 0
+        return loss, norm
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        # evaluated in float32: the master weights, as saved
         return self.xp.ops.numpy(self._logits(self.state["params"], self.xp.ops.asarray(x)))
 
     def end_evaluation(self) -> None:
@@ -400,6 +489,139 @@ class Trainer:
 
     def numpy(self, part: str) -> dict[str, np.ndarray]:
         return {k: self.xp.ops.numpy(v) for k, v in self.state[part].items()}
+
+
+# float16 loss scaling (the usual dynamic scheme): the first scale, and the good steps after
+# which it doubles
+LOSS_SCALE_START = 2.0 ** 15
+LOSS_SCALE_GROWTH = 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the micro-batch is chosen from a memory budget, and --batch-size reached by accumulation.
+
+# Activation bytes per image of a training micro-batch: ACTIVATION_FACTOR floats per float of
+# the per-block minimum (what a block's backward must keep: 4 (S, C) arrays, and the input and
+# output of each MLP's GELU), for the blocks plus one (the backward's temporaries), and one
+# per pixel value of the image. Fitted to mx.get_peak_memory on MLX's CPU (custom GELU VJP): 1.10
+# for S/32 at 224 (21.8 MiB per image) and for 4 of its blocks, 1.12 for C=768 at 224, 1.18 and
+# 1.25 for P=16 C=128 at 64 and C=256 at 128. ACTIVATION_MARGIN covers the spread.
+ACTIVATION_FACTOR = 1.15
+ACTIVATION_MARGIN = 1.25
+# On a CPU the budget is this share of the memory the system calls available: on this 24 GB
+# machine (~22 GB available) a 5.1-5.5 GiB budget, under 6 GiB for the default S/32 run (which
+# then chose 64 x 8 and peaked at 2.9-3.0 GiB RSS, split or not); the rest stays with the page
+# cache and the programs beside the run. Whether a CPU trains faster with larger micro-batches
+# was not measured.
+CPU_MEMORY_SHARE = 0.25
+# The process itself: 50 MiB RSS with train, mixer, MLX and Pillow imported (measured); the rest
+# leaves room for the decoding threads and MLX's compiled kernels (not measured apart).
+PROCESS_BYTES = 256 * 2**20
+
+
+def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
+    """Estimated bytes each image adds to a training micro-batch's peak, margin included."""
+    s, c = config.num_tokens, config.hidden_dim
+    block = 4 * s * c + 2 * c * config.tokens_mlp_dim + 2 * s * config.channels_mlp_dim
+    floats = ACTIVATION_FACTOR * (config.num_blocks + 1) * block + 3 * config.image_size ** 2
+    return math.ceil(floats * np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+                     * ACTIVATION_MARGIN)
+
+
+def fixed_bytes(config: mixer.MixerConfig, dtype: str, share: int, decode_cache: int) -> int:
+    """Bytes a training process holds whatever its micro-batch: float32 params, momentum,
+    gradient sums and one micro-batch's gradients (a half-precision copy of the params besides,
+    in mixed precision), the loader's batches (this process's `share` of a batch, float32, the
+    one in use and two decoded ahead), the decode cache's budget and the process itself."""
+    params = mixer.num_params(config)
+    weights = params * (16 + (2 if dtype != "float32" else 0))
+    batches = 3 * share * config.image_size ** 2 * 3 * 4
+    return weights + batches + decode_cache + PROCESS_BYTES
+
+
+def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
+                       processes: int = 1) -> tuple[int, int]:
+    """-> (micro-batch, accumulation steps): the largest micro-batch whose estimated peak
+    fixed + micro x per_image fits in budget and that divides each process's share of
+    batch_size, so that micro x accumulation steps x processes == batch_size exactly. Refuses
+    (MixerError) when the share is not whole or when one image does not fit."""
+    if batch_size % processes:
+        raise MixerError(f"--batch-size {batch_size} must be a multiple of the {processes} "
+                         f"processes")
+    share = batch_size // processes
+    fits = (budget - fixed) // per_image
+    if fits < 1:
+        raise MixerError(f"training needs about {mixer._gib(fixed + per_image)} for one image per "
+                         f"micro-batch ({mixer._gib(fixed)} fixed + {mixer._gib(per_image)} per image), more "
+                         f"than the {mixer._gib(budget)} budget: give a larger --memory-budget if "
+                         f"the device has it, a smaller model or --image-size, or "
+                         f"--dtype bfloat16")
+    micro = max(m for m in range(1, min(fits, share) + 1) if share % m == 0)
+    return micro, share // micro
+
+
+def memory_budget(xp) -> tuple[int, str]:
+    """-> (bytes, where they come from): the recommended working set of an Apple GPU, the free
+    memory of a CUDA GPU (both as MLX reports them), else a CPU_MEMORY_SHARE of the memory
+    available to programs (for tinygrad too: it reports no device memory)."""
+    if xp.name == "mlx" and xp.mx.default_device() != xp.mx.cpu:
+        info = xp.mx.device_info()
+        for key, what in (("max_recommended_working_set_size", "the GPU's recommended working "
+                           "set"), ("free_memory", "the GPU's free memory")):
+            if info.get(key):
+                return int(info[key]), what
+    available = _available_memory()
+    if available is None:
+        raise MixerError("cannot tell how much memory this machine has: give --memory-budget GIB")
+    return int(CPU_MEMORY_SHARE * available), f"{CPU_MEMORY_SHARE:.0%} of available memory"
+
+
+def _available_memory() -> int | None:
+    """Bytes the system can give programs now: Linux's MemAvailable (which counts the page
+    cache it would drop), else the free pages POSIX reports, else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
+    """-> (micro-batch, accumulation steps, the line that says why) for the run's settings:
+    chosen from the memory budget, or --accum-steps as given (with a warning in the line when
+    its estimate exceeds the budget: the user asked for it, and the estimate has a margin)."""
+    batch_size, processes = s["batch_size"], xp.size
+    per_image = activation_bytes(config, s["dtype"])
+    fixed = fixed_bytes(config, s["dtype"], batch_size // processes,
+                        s["decode_cache_mib"] * 2**20)
+    if s["memory_budget"] is not None:
+        budget, source = int(s["memory_budget"] * 2**30), "--memory-budget"
+    else:
+        budget, source = memory_budget(xp)
+    if s["accum_steps"] is None:
+        micro, accum = choose_micro_batch(per_image, fixed, budget, batch_size, processes)
+        how = "chosen"
+    else:
+        accum = s["accum_steps"]
+        if batch_size % (accum * processes):
+            raise MixerError(f"--batch-size {batch_size} must be a multiple of --accum-steps "
+                             f"{accum} x {processes} process{'es' * (processes > 1)}")
+        micro, how = batch_size // (accum * processes), "--accum-steps"
+    peak = fixed + micro * per_image
+    line = (f"micro-batch {micro} x {accum} accumulation steps"
+            + (f" x {processes} processes" if processes > 1 else "")
+            + f" = {batch_size} per step ({how}): ~{mixer._gib(peak)} estimated of a {mixer._gib(budget)} "
+              f"budget ({source})")
+    if peak > budget:
+        line += (f"; WARNING: more than the budget, a smaller micro-batch (leave out "
+                 f"--accum-steps) would fit")
+    return micro, accum, line
 
 
 # --------------------------------------------------------------------------------------------
@@ -924,9 +1146,10 @@ STATE_KEYS = {"version": int, "step": int, "settings": dict, "classes": list, "c
               "preprocessing": (dict, None), "source": str, "best_val_top1": (float, None),
               "best_step": (int, None), "val_top1": (float, None), "window": dict, "data": dict}
 SETTING_KEYS = {"data_dir": str, "backend": str, "steps": int, "batch_size": int,
-                "accum_steps": int, "lr": float, "warmup": int, "seed": int, "eval_every": int,
+                "accum_steps": (int, None), "lr": float, "warmup": int, "seed": int, "eval_every": int,
                 "log_every": int, "image_size": int, "augment": bool,
-                "val_fraction": (float, None), "workers": (int, None), "decode_cache_mib": int}
+                "val_fraction": (float, None), "workers": (int, None), "decode_cache_mib": int,
+                "memory_budget": (float, None), "dtype": str}
 WINDOW_KEYS = {"loss": float, "grad_norm": float, "n": int}
 DATA_KEYS = {"digest": str, "num_train": int}
 
@@ -979,13 +1202,20 @@ def load_state(run_dir: str):
                          f"{STATE_VERSION}")
     problem = _check_keys("the state", info, STATE_KEYS)
     if problem is None and isinstance(info["settings"], dict):  # saved before the option existed
-        info["settings"].setdefault("decode_cache_mib", DEFAULTS["decode_cache_mib"])
+        for key in ("decode_cache_mib", "memory_budget", "dtype"):
+            info["settings"].setdefault(key, DEFAULTS[key])
     problem = (problem
                or _check_keys("the state's settings", info["settings"], SETTING_KEYS)
                or _check_keys("the state's window", info["window"], WINDOW_KEYS)
                or _check_keys("the state's data", info["data"], DATA_KEYS))
     if problem is None and info["step"] < 0:
         problem = f"the state's step is {info['step']}"
+    scale = problem is None and info.get("loss_scale", [1.0, 0])  # [scale, good steps]
+    if problem is None and not (isinstance(scale, list) and len(scale) == 2
+                                and _check_keys("", dict(zip("sg", scale)),
+                                                {"s": float, "g": int}) is None
+                                and scale[0] > 0 and scale[1] >= 0):
+        problem = f"the state's loss_scale is {scale!r}"
     if problem is None and not (len(info["classes"]) >= 2
                                 and all(isinstance(c, str) for c in info["classes"])):
         problem = f"the state's classes are {info['classes'][:3]!r}..."
@@ -1290,7 +1520,8 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
           no_augment=False, out=None, resume=None, keep_head=False, hidden_dim=None,
           num_blocks=None, patch_size=None, tokens_mlp_dim=None, channels_mlp_dim=None,
           val_fraction=None, seed=None, eval_every=None, log_every=None, workers=None,
-          decode_cache_mib=None, stop_after=None, quiet=False) -> TrainResult:
+          decode_cache_mib=None, memory_budget=None, dtype=None, stop_after=None,
+          quiet=False) -> TrainResult:
     """Fine-tunes (or trains from scratch) and writes the run directory; see the module doc.
 
     Arguments are the command line's; None means the default (DEFAULTS). stop_after=k stops
@@ -1355,7 +1586,7 @@ def _check_values(settings: dict) -> None:
               "channels_mlp_dim"):
         if settings.get(k) is not None and settings[k] < 1:
             raise MixerError(f"--{k.replace('_', '-')} must be at least 1, got {settings[k]}")
-    for k in ("lr", "epochs"):
+    for k in ("lr", "epochs", "memory_budget"):
         if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
             raise MixerError(f"--{k} must be a finite positive number, got {settings[k]}")
     for k in ("warmup", "seed"):  # numpy's generators take non-negative seeds only
@@ -1392,17 +1623,16 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
         params, momentum = saved_arrays
         preprocessing, source = info["preprocessing"], info["source"]
         start, best, best_step = info["step"], info["best_val_top1"], info["best_step"]
-    steps, batch_size, accum = s["steps"], s["batch_size"], s["accum_steps"]
-    if batch_size % (accum * xp.size):
-        raise MixerError(f"--batch-size {batch_size} must be a multiple of --accum-steps {accum}"
-                         f" x {xp.size} process{'es' * (xp.size > 1)}")
-    micro = batch_size // (accum * xp.size)
+    steps, batch_size = s["steps"], s["batch_size"]
+    micro, accum, memory_line = plan_micro_batches(xp, config, s)
+    mixer.get_ops(xp.name, s["dtype"])  # a device that cannot compute the dtype says so here
     resize = (preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if xp.rank == 0:
         _truncate_metrics(run_dir, metrics_path, start)
 
-    trainer = Trainer(xp, config, params, momentum, accum)
+    trainer = Trainer(xp, config, params, momentum, accum, s["dtype"],
+                      tuple(info["loss_scale"]) if info and "loss_scale" in info else None)
     cache = DecodeCache(s["decode_cache_mib"] * 2**20)
     loader = Loader(train_split, len(classes), config.image_size, resize, s["augment"], s["seed"],
                     pool, say, cache)
@@ -1414,6 +1644,7 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
     say(f"{'resuming at step ' + str(start) + ' of ' if start else ''}{steps} steps of "
         f"{batch_size} images ({steps * batch_size / len(train_split.files):.1f} epochs), "
         f"lr {s['lr']}, warmup {s['warmup']}; writing {run_dir}")
+    say(memory_line)
     if val_split is None:
         say("no validation set: best.safetensors will not be written")
 
@@ -1431,7 +1662,7 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
             "version": STATE_VERSION, "step": step, "settings": s, "classes": classes,
             "config": config.to_dict(), "preprocessing": preprocessing, "source": source,
             "best_val_top1": best, "best_step": best_step, "val_top1": val_top1,
-            "window": window,
+            "window": window, "loss_scale": [trainer.loss_scale, trainer.good_steps],
             "data": {"num_train": len(train_split.files), "digest": digest,
                      "samples_seen": position, "epoch": position // len(train_split.files),
                      "position_in_epoch": position % len(train_split.files),
@@ -1454,24 +1685,31 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
         lr = get_lr(step + 1, s["lr"], s["warmup"], steps)
         loss, grad_norm = trainer.update(lr)
         step += 1
+        if trainer.skipped:  # float16 only: the parameters did not change (Trainer)
+            say(f"step {step}: the float16 gradient overflowed, step skipped; loss scale now "
+                f"{trainer.loss_scale:g}")
         # A non-finite gradient norm makes the parameters NaN (clipping divides by it): the
         # run has diverged as surely as with a non-finite loss, and metrics.jsonl stays JSON.
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise MixerError(f"the training diverged at step {step} (loss {loss}, gradient norm "
                              f"{grad_norm}): start again with a lower --lr")
-        window["loss"] += loss
-        window["grad_norm"] += grad_norm
-        window["n"] += 1
+        if not trainer.skipped:  # a skipped step's means are not the run's
+            window["loss"] += loss
+            window["grad_norm"] += grad_norm
+            window["n"] += 1
         timed["time"] += time.perf_counter() - t0
         timed["n"] += 1
         per_step = max(timed["time"] / timed["n"], 1e-9)
-        shown = {"loss": window["loss"] / window["n"], "images_per_s": batch_size / per_step}
+        shown = {"loss": window["loss"] / max(window["n"], 1),
+                 "images_per_s": batch_size / per_step}
         record = None
         evaluate_now = step % s["eval_every"] == 0 or step == steps
         if step % s["log_every"] == 0 or evaluate_now:
             record = {"step": step, "lr": lr, "loss": shown["loss"],
-                      "grad_norm": window["grad_norm"] / window["n"],
+                      "grad_norm": window["grad_norm"] / max(window["n"], 1),
                       "images_per_s": shown["images_per_s"]}
+            if s["dtype"] == "float16":
+                record["loss_scale"] = trainer.loss_scale
             window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
             timed = {"time": 0.0, "n": 0}
         if evaluate_now and val_split is not None:
@@ -2194,7 +2432,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=int, help="images per optimizer step, over all "
                         "processes (default 512)")
     recipe.add_argument("--accum-steps", type=int,
-                        help="split each batch into this many micro-batches (default 1)")
+                        help="split each batch into this many micro-batches (default: the "
+                             "fewest that fit --memory-budget)")
+    recipe.add_argument("--dtype", choices=mixer.COMPUTE_DTYPES,
+                        help="compute dtype of the forward and backward (default float32; "
+                             "weights, momentum and the update stay float32; float16 scales "
+                             "the loss)")
     recipe.add_argument("--lr", type=float, help="base learning rate (default 0.03)")
     recipe.add_argument("--warmup", type=int, help="linear warmup steps (default min(500, 5%% "
                         "of the steps))")
@@ -2215,6 +2458,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=int,
                      help="evaluate and checkpoint every N steps (default: 10 times a run)")
     run.add_argument("--log-every", type=int, help="steps per metrics record (default 10)")
+    run.add_argument("--memory-budget", type=float, metavar="GIB",
+                     help="memory a process may use, for choosing the micro-batch (default: an "
+                          "Apple GPU's recommended working set, a CUDA GPU's free memory, else "
+                          f"{CPU_MEMORY_SHARE:.0%} of available RAM)")
     run.add_argument("--workers", type=int, help="image decoding threads (default: cores, <= 8)")
     run.add_argument("--decode-cache-mib", type=int, metavar="MIB",
                      help="memory for decoded images kept between epochs, per process "
