@@ -328,6 +328,64 @@ def bench_train(backends, steps, timeout):
     return rows
 
 
+# --- training memory: what a micro-batch keeps per image ---------------------------------------
+
+def train_memory_worker(variant, dtype, batch, split):
+    """Activation bytes per image of one training micro-batch (forward and backward, gradients
+    summed) on MLX's CPU device: (peak at 2B - peak at B) / B, peaks from MLX's allocator
+    (mx.get_peak_memory after mx.reset_peak_memory, each size warmed up first), beside
+    train.activation_bytes's estimate, which has a margin on top."""
+    mixer.DATA_PARALLEL = split == "split"
+    import dataclasses
+    import train
+    config = dataclasses.replace(mixer.VARIANTS[variant], num_classes=10)
+    xp = train.get_backend("mlx")
+    mx = xp.mx
+    rng = np.random.default_rng(0)
+    params = {k: v + 0.02 * rng.standard_normal(v.shape).astype(np.float32)
+              for k, v in mixer.init_params(config, 0).items()}
+    trainer = train.Trainer(xp, config, params, None, 1, dtype=dtype)
+    peaks = {}
+    for b in (batch, 2 * batch):
+        size = config.image_size
+        x = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+        onehot = train.one_hot(rng.integers(0, 10, b), 10)
+        trainer.accumulate(x, onehot)  # compiles
+        trainer.update(0.0)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        trainer.accumulate(x, onehot)
+        xp.sync(trainer.state)  # the micro-batch alone: the update's peak does not grow with B
+        peaks[b] = mx.get_peak_memory()
+        trainer.update(0.0)
+    per_image = (peaks[2 * batch] - peaks[batch]) / batch
+    print(json.dumps({"variant": variant, "dtype": dtype, "split": split, "batch": batch,
+                      "per_image_mib": per_image / 2**20,
+                      "estimate_mib": train.activation_bytes(config, dtype) / 2**20,
+                      "peak_mib": peaks[2 * batch] / 2**20}), flush=True)
+
+
+def bench_train_memory(variants, dtypes, batch, timeout):
+    rows = []
+    for variant in variants:
+        for dtype in dtypes:
+            for split in ("split", "whole"):
+                row = {"variant": variant, "dtype": dtype, "split": split}
+                try:
+                    done = subprocess.run([sys.executable, os.path.abspath(__file__),
+                                           "--train-memory-worker", variant, dtype,
+                                           str(batch), split],
+                                          capture_output=True, text=True, timeout=timeout)
+                    if done.returncode == 0:
+                        row = json.loads(done.stdout.strip().splitlines()[-1])
+                    else:
+                        row["skipped"] = (done.stderr.strip().splitlines() or ["failed"])[-1]
+                except subprocess.TimeoutExpired:
+                    row["skipped"] = f"over --train-timeout {timeout} s"
+                rows.append(row)
+    return rows
+
+
 # --- quantised weights: size, peak RSS, speed and logit error beside float32 ----------------
 
 QUANT_DTYPES = ("float32", "int8", "int4")
@@ -641,6 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-call-seconds", type=float, default=30.0,
                         help="skip a backend/batch whose first call takes longer (e.g. tinygrad "
                              "on a CPU without BEAM at B/16, batch 32)")
+    parser.add_argument("--train-memory", action="store_true",
+                        help="also measure the training activations per image (MLX CPU, float32 "
+                             "and bfloat16, CPU streams split and whole as on a GPU)")
+    parser.add_argument("--train-memory-batch", type=int, default=8,
+                        help="B of the (peak at 2B - peak at B) / B measurement")
+    parser.add_argument("--train-memory-worker", nargs=4,
+                        metavar=("VARIANT", "DTYPE", "B", "SPLIT"), help=argparse.SUPPRESS)
     parser.add_argument("--quant", action="store_true",
                         help="also compare int8 and int4 weights files with float32: size, the "
                              "CLI's peak RSS, speed per backend, logit error")
@@ -673,6 +738,9 @@ def main(argv=None):
     if args.photos_worker:
         backend, variant, folder, rounds = args.photos_worker
         return photos_worker(backend, variant, folder, int(rounds))
+    if args.train_memory_worker:
+        variant, dtype, batch, split = args.train_memory_worker
+        return train_memory_worker(variant, dtype, int(batch), split)
     if args.photos_train_worker:
         return photos_train_worker(*args.photos_train_worker)
 
@@ -743,6 +811,16 @@ def main(argv=None):
                                ("train_images_per_s", ".1f"), ("vs_torch", ".2f"),
                                ("skipped", "")])
 
+    memory = None
+    if args.train_memory:
+        memory = bench_train_memory(args.variants, ("float32", "bfloat16"),
+                                    args.train_memory_batch, args.train_timeout)
+        print_table("training activations per image, MLX CPU (split: one CPU stream per core; "
+                    "whole: as on a GPU); estimate: what train.py plans with (margin included)",
+                    memory, [("variant", ""), ("dtype", ""), ("split", ""),
+                             ("per_image_mib", ".2f"), ("estimate_mib", ".2f"),
+                             ("skipped", "")])
+
     quant = None
     if args.quant:
         quant = {"speed": [], "files": []}
@@ -770,7 +848,7 @@ def main(argv=None):
 
     if args.json:
         doc = {"machine": machine, "inference": inference, "cli": cli, "training": training,
-               "quant": quant, "photos": photos}
+               "quant": quant, "train_memory": memory, "photos": photos}
         with mixer.atomic_write(args.json) as f:
             f.write(json.dumps(doc, indent=2).encode())
     return 0
