@@ -531,11 +531,11 @@ def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
 def fixed_bytes(config: mixer.MixerConfig, dtype: str, share: int, decode_cache: int) -> int:
     """Bytes a training process holds whatever its micro-batch: float32 params, momentum,
     gradient sums and one micro-batch's gradients (a half-precision copy of the params besides,
-    in mixed precision), the loader's batches (this process's `share` of a batch, float32, the
-    one in use and two decoded ahead), the decode cache's budget and the process itself."""
+    in mixed precision), the loader's batches (this process's `share` of a batch, uint8 pixels,
+    the one in use and two decoded ahead), the decode cache's budget and the process itself."""
     params = mixer.num_params(config)
     weights = params * (16 + (2 if dtype != "float32" else 0))
-    batches = 3 * share * config.image_size ** 2 * 3 * 4
+    batches = 3 * share * config.image_size ** 2 * 3
     return weights + batches + decode_cache + PROCESS_BYTES
 
 
@@ -551,8 +551,9 @@ def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
     share = batch_size // processes
     fits = (budget - fixed) // per_image
     if fits < 1:
-        raise MixerError(f"training needs about {mixer._gib(fixed + per_image)} for one image per "
-                         f"micro-batch ({mixer._gib(fixed)} fixed + {mixer._gib(per_image)} per image), more "
+        gib = mixer._gib
+        raise MixerError(f"training needs about {gib(fixed + per_image)} for one image per "
+                         f"micro-batch ({gib(fixed)} fixed + {gib(per_image)} per image), more "
                          f"than the {mixer._gib(budget)} budget: give a larger --memory-budget if "
                          f"the device has it, a smaller model or --image-size, or "
                          f"--dtype bfloat16")
@@ -616,8 +617,8 @@ def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
     peak = fixed + micro * per_image
     line = (f"micro-batch {micro} x {accum} accumulation steps"
             + (f" x {processes} processes" if processes > 1 else "")
-            + f" = {batch_size} per step ({how}): ~{mixer._gib(peak)} estimated of a {mixer._gib(budget)} "
-              f"budget ({source})")
+            + f" = {batch_size} per step ({how}): ~{mixer._gib(peak)} estimated of a "
+              f"{mixer._gib(budget)} budget ({source})")
     if peak > budget:
         line += (f"; WARNING: more than the budget, a smaller micro-batch (leave out "
                  f"--accum-steps) would fit")
