@@ -8,6 +8,7 @@ No GPU here: the GPU branches are reached by monkeypatching what reports the dev
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import subprocess
@@ -290,6 +291,7 @@ def test_tinygrad_frees_the_evaluation_jit(tmp_path):
         for _ in range(3):  # TinyJit captures at the second call
             trainer.accumulate(pixels, onehot)
             trainer.update(0.1)
+        gc.collect()  # tinygrad buffers of earlier tests, freed now rather than mid-test
         training = GlobalCounters.mem_used
         x = pixels.astype(np.float32) / 127.5 - 1.0
         first = trainer.logits(x)
