@@ -509,8 +509,8 @@ LOSS_SCALE_GROWTH = 1000
 ACTIVATION_FACTOR = 1.15
 ACTIVATION_MARGIN = 1.25
 # On a CPU the budget is this share of the memory the system calls available: on this 24 GB
-# machine (~22 GB available) a 5.1-5.5 GiB budget, under 6 GiB for the default S/32 run (which
-# then chose 64 x 8 and peaked at 2.9-3.0 GiB RSS, split or not); the rest stays with the page
+# machine (~22 GB available) a 5.1-5.6 GiB budget, under 6 GiB for the default S/32 run (which
+# then chose 128 x 4 and peaked at 3.4-3.6 GiB RSS, split or not); the rest stays with the page
 # cache and the programs beside the run. Whether a CPU trains faster with larger micro-batches
 # was not measured.
 CPU_MEMORY_SHARE = 0.25
