@@ -211,6 +211,24 @@ class Worker:
         self.proc.wait()
 
 
+def interleaved_rounds(workers: dict, batch: int, rounds: int, seconds: float):
+    """Times every worker once per round, in turn, at one batch size; -> (best seconds, batch-1
+    logits, why skipped), each a dict by the workers' keys."""
+    best, logits, skipped = {k: float("inf") for k in workers}, {}, {}
+    for _ in range(rounds):
+        for k, w in workers.items():
+            if k in skipped:
+                continue
+            answer = w.ask(batch=batch, seconds=seconds)
+            if "skipped" in answer:
+                skipped[k] = answer["skipped"]
+                continue
+            best[k] = min(best[k], answer["seconds"])
+            if answer["logits"] is not None:
+                logits[k] = np.array(answer["logits"])
+    return best, logits, skipped
+
+
 def bench_inference(variant, backends, batch_sizes, rounds, seconds, options):
     """Interleaved rounds: each round times every backend once; each backend's best round counts.
     Only one worker computes at a time; the others wait on their pipe."""
@@ -219,19 +237,7 @@ def bench_inference(variant, backends, batch_sizes, rounds, seconds, options):
     rows = []
     try:
         for bs in batch_sizes:
-            best = {b: float("inf") for b in backends}
-            logits, skipped = {}, {}
-            for _ in range(rounds):
-                for b, w in workers.items():
-                    if b in skipped:
-                        continue
-                    answer = w.ask(batch=bs, seconds=seconds)
-                    if "skipped" in answer:
-                        skipped[b] = answer["skipped"]
-                        continue
-                    best[b] = min(best[b], answer["seconds"])
-                    if answer["logits"] is not None:
-                        logits[b] = np.array(answer["logits"])
+            best, logits, skipped = interleaved_rounds(workers, bs, rounds, seconds)
             first = next(iter(logits), None)
             for b, out in logits.items():  # same weights and input: the outputs must agree
                 if np.abs(out - logits[first]).max() > AGREEMENT[options["dtype"]]:
@@ -416,18 +422,7 @@ def bench_quant(variant, backends, batch_sizes, rounds, seconds, max_call_second
                    for d in QUANT_DTYPES}
         try:
             for bs in batch_sizes:
-                best, logits, skipped = {d: float("inf") for d in workers}, {}, {}
-                for _ in range(rounds):
-                    for d, w in workers.items():
-                        if d in skipped:
-                            continue
-                        answer = w.ask(batch=bs, seconds=seconds)
-                        if "skipped" in answer:
-                            skipped[d] = answer["skipped"]
-                            continue
-                        best[d] = min(best[d], answer["seconds"])
-                        if answer["logits"] is not None:
-                            logits[d] = np.array(answer["logits"])
+                best, logits, skipped = interleaved_rounds(workers, bs, rounds, seconds)
                 for d in QUANT_DTYPES:
                     row = {"variant": variant, "backend": b, "weights": d, "batch": bs}
                     if d in skipped:
