@@ -553,9 +553,10 @@ def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
     if fits < 1:
         gib = mixer._gib
         raise MixerError(f"training needs about {gib(fixed + per_image)} for one image per "
-                         f"micro-batch ({gib(fixed)} fixed + {gib(per_image)} per image), more "
-                         f"than the {mixer._gib(budget)} budget: give a larger --memory-budget if "
-                         f"the device has it, a smaller model or --image-size, or "
+                         f"micro-batch ({gib(fixed)} fixed + {mixer._size(per_image)} per image), "
+                         f"more than the {mixer._gib(budget)} budget: give a larger "
+                         f"--memory-budget if the device has it, a smaller --decode-cache-mib "
+                         f"(counted in the fixed part), a smaller model or --image-size, or "
                          f"--dtype bfloat16")
     micro = max(m for m in range(1, min(fits, share) + 1) if share % m == 0)
     return micro, share // micro
@@ -1589,7 +1590,8 @@ def _check_values(settings: dict) -> None:
             raise MixerError(f"--{k.replace('_', '-')} must be at least 1, got {settings[k]}")
     for k in ("lr", "epochs", "memory_budget"):
         if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
-            raise MixerError(f"--{k} must be a finite positive number, got {settings[k]}")
+            raise MixerError(f"--{k.replace('_', '-')} must be a finite positive number, got "
+                             f"{settings[k]}")
     for k in ("warmup", "seed"):  # numpy's generators take non-negative seeds only
         if settings.get(k) is not None and settings[k] < 0:
             raise MixerError(f"--{k} must be at least 0, got {settings[k]}")

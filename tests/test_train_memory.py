@@ -55,9 +55,10 @@ def test_chooser_refuses_when_one_image_does_not_fit():
     with pytest.raises(mixer.MixerError) as e:
         train.choose_micro_batch(gib, 3 * gib, 4 * gib - 1, 512, 1)
     assert str(e.value) == (
-        "training needs about 4.0 GiB for one image per micro-batch (3.0 GiB fixed + 1.0 GiB "
-        "per image), more than the 4.0 GiB budget: give a larger --memory-budget if the device "
-        "has it, a smaller model or --image-size, or --dtype bfloat16")
+        "training needs about 4.0 GiB for one image per micro-batch (3.0 GiB fixed + 1024.0 "
+        "MiB per image), more than the 4.0 GiB budget: give a larger --memory-budget if the "
+        "device has it, a smaller --decode-cache-mib (counted in the fixed part), a smaller "
+        "model or --image-size, or --dtype bfloat16")
     with pytest.raises(mixer.MixerError, match="--batch-size 10 must be a multiple of the 3 "
                                                "processes"):
         train.choose_micro_batch(1, 0, 100, 10, 3)
