@@ -43,6 +43,30 @@ def test_a_thread_pool_gets_the_serial_results(backend, params, request):
         np.testing.assert_allclose(out, serial[i], rtol=0, atol=tol)
 
 
+QUANTISED = mixer.MixerConfig(patch_size=4, hidden_dim=64, num_blocks=2, tokens_mlp_dim=32,
+                              channels_mlp_dim=128, num_classes=5, image_size=32)
+
+
+def test_a_thread_pool_gets_the_serial_results_quantised(backend, tmp_path, request):
+    """The same with int4 weights, whose kernels each call dequantises for itself: threads
+    running the model at once must not share (or overwrite) each other's float buffers."""
+    if backend == "mlx":
+        request.getfixturevalue("mlx_cpu_split")
+    path = str(tmp_path / "int4.safetensors")
+    mixer.Mixer(QUANTISED, random_params(QUANTISED, seed=41), backend="numpy").save(
+        path, dtype="int4", group_size=32)
+    model = mixer.load(path, backend=backend)
+    assert model.quantization == {"bits": 4, "group_size": 32}
+    batches = [random_images(n, 32, seed=n) for n in (1, 2, 4)]
+    serial = [model(x) for x in batches]
+    jobs = [i % 3 for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: model(batches[i]), jobs))
+    tol = 1e-5 if backend == "numpy" else 1e-4
+    for i, out in zip(jobs, results):
+        np.testing.assert_allclose(out, serial[i], rtol=0, atol=tol)
+
+
 MLX_THREADS = """
 import threading, numpy as np, mixer
 config = mixer.MixerConfig(patch_size=4, hidden_dim=16, num_blocks=2, tokens_mlp_dim=8,
