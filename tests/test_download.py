@@ -163,6 +163,26 @@ def test_download_convert_cache_classify(server, image, tmp_path):
     assert second.stdout.splitlines()[1].endswith("tench, Tinca tinca")
 
 
+def test_variant_quantised_at_load_time(server, image, tmp_path):
+    """--variant with --quantize: the download is converted and cached in float32 as always,
+    then quantised as it is read; the answer is the float model's, to int8's rounding."""
+    server.files["/gsam/Mixer-S_32.npz"] = checkpoint_bytes(favourite=3)
+    home = tmp_path / "cache"
+    quantised = run_mixer([image, "--variant", "S/32", "--quantize", "int8", "--json"],
+                          server.url, home)
+    float32 = run_mixer([image, "--variant", "S/32", "--json"], server.url, home)
+    assert len(server.requests) == 1 and os.listdir(home) == ["gsam-Mixer-S_32.safetensors"]
+    assert mixer.read_safetensors(home / "gsam-Mixer-S_32.safetensors")[0][
+        "stem/kernel"].dtype == np.float32  # the cache is the float file
+    q, f = top1(quantised), top1(float32)
+    assert q["index"] == f["index"] == 3 and q["label"] == f["label"]
+    # the runner-up probabilities (~1e-13 here) differ by the rounding, so int8 really ran
+    q, f = (json.loads(r.stdout)[0]["top_k"] for r in (quantised, float32))
+    assert [e["index"] for e in q[:1]] == [e["index"] for e in f[:1]]
+    assert q != f and all(a["probability"] == pytest.approx(b["probability"], rel=0.2, abs=1e-3)
+                          for a, b in zip(q, f) if a["index"] == b["index"])
+
+
 def test_source_and_variant_choices_are_explained(tmp_path, capsys):
     image = "unused.jpg"
     for argv, message in [
