@@ -1,5 +1,4 @@
 """examples/shapes.py: the generated dataset that the quantisation fidelity figures use."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,25 +11,16 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(HERE, "examples", "shapes.py")
 sys.path.insert(0, os.path.join(HERE, "examples"))
 import shapes  # noqa: E402
-
-
-def digests(root):
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+from test_train_hardening import snapshot  # noqa: E402
 
 
 def test_layout_and_determinism(tmp_path):
     assert shapes.write(str(tmp_path / "a"), 2, 1, 32, seed=3) == 30
     shapes.write(str(tmp_path / "b"), 2, 1, 32, seed=3)
     shapes.write(str(tmp_path / "c"), 2, 1, 32, seed=4)
-    a = digests(tmp_path / "a")
+    a = snapshot(tmp_path / "a")
     assert sorted(os.listdir(tmp_path / "a" / "train")) == sorted(shapes.CLASSES)
-    assert len(a) == 30 and a == digests(tmp_path / "b") and a != digests(tmp_path / "c")
+    assert len(a) == 30 and a == snapshot(tmp_path / "b") and a != snapshot(tmp_path / "c")
     img = Image.open(tmp_path / "a" / "val" / "ring" / "00000.png")
     assert img.size == (32, 32) and img.mode == "RGB"
 
