@@ -740,7 +740,7 @@ def main(argv=None):
         return photos_train_worker(*args.photos_train_worker)
 
     backends = args.backends or [b for b in mixer.BACKENDS
-                                 if b == "numpy" or mixer._installed(b)]
+                                 if b == "numpy" or mixer.installed(b)]
     use_torch = not args.no_torch and torch_available()
     import platform
     machine = {"platform": platform.platform(), "processor": platform.processor(),

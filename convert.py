@@ -53,7 +53,7 @@ def convert(npz: str, output: str, dtype: str = "float32", head: bool = True,
     """
     group_size = mixer.DEFAULT_GROUP_SIZE if group_size is None else group_size
     if dtype in mixer.QUANTIZED_DTYPES:  # before reading the checkpoint: fail at once
-        mixer._check_quantization(dtype, group_size)
+        mixer.check_quantization(dtype, group_size)
     elif group_size != mixer.DEFAULT_GROUP_SIZE:
         raise mixer.MixerError(f"--group-size goes with --dtype int8 or int4, not {dtype}")
     check_output(npz, output)
@@ -101,7 +101,7 @@ def _source(npz: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = mixer.ArgumentParser(
         prog="convert", description="Convert an official MLP-Mixer .npz checkpoint to "
                                     "mixer.py's .safetensors (config, labels and source included).",
         epilog="OUT is written atomically. An existing regular file is replaced (another user's "

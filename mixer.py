@@ -73,7 +73,7 @@ class MixerError(Exception):
     """A user-facing problem (bad file, bad image, bad argument): the message says what to do."""
 
 
-def _positive_int(value, what: str) -> int:
+def positive_int(value, what: str) -> int:
     """value as an int >= 1 (numpy integers too; bools, floats and strings refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise MixerError(f"{what} must be a positive int, got {value!r}")
@@ -88,7 +88,7 @@ _UNPRINTABLE.update({c: f"\\u{c:04x}" for c in [0x2028, 0x2029, *range(0xD800, 0
 _UNPRINTABLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """text with the characters above written as escapes (\\x1b, \\n as \\x0a, an undecodable
     byte as \\xff), other Unicode kept: a label or a file name cannot move the cursor, retitle
     the terminal or start a new output line."""
@@ -354,7 +354,7 @@ def mlx_openblas() -> OpenBLAS | None:
     import ctypes
     if platform.system() != "Linux":
         return None
-    _import_mlx()  # preloads it, unless MLX was imported first
+    import_mlx()  # preloads it, unless MLX was imported first
     try:
         return OpenBLAS.from_library(ctypes.CDLL(None))
     except OSError:
@@ -515,7 +515,7 @@ class MlxOps:
     name = "mlx"
 
     def __init__(self, dtype: str = "float32"):
-        self.mx = _import_mlx()
+        self.mx = import_mlx()
         self.dtype = _check_dtype(dtype)
         self._dtype = getattr(self.mx, dtype)
         self._streams = []  # the main thread's CPU streams for split batches (split_batch)
@@ -598,7 +598,7 @@ class MlxOps:
     def _check_float32(self) -> None:
         """Float32 must be float32 (the parity promise): refuses a process in which MLX
         already computes float32 matmuls in TF32 and the user did not ask for it, as when MLX
-        read MLX_ENABLE_TF32 at a GEMM that ran before mixer could set it (_import_mlx)."""
+        read MLX_ENABLE_TF32 at a GEMM that ran before mixer could set it (import_mlx)."""
         if os.environ.get("MLX_ENABLE_TF32", "0").strip() not in ("", "0"):
             return  # the user's opt-in
         if not _mlx_float32_exact(str(self.mx.default_device())):
@@ -668,7 +668,7 @@ class TinygradOps:
     name = "tinygrad"
 
     def __init__(self, dtype: str = "float32"):
-        self.tg = _import_tinygrad()
+        self.tg = import_tinygrad()
         self.dtype = _check_dtype(dtype)
         self._dtype = getattr(self.tg.dtypes, dtype)
         self._open_device()
@@ -812,7 +812,9 @@ def _patchify(x, p, transpose):
 BACKENDS = {"mlx": MlxOps, "tinygrad": TinygradOps, "numpy": NumpyOps}
 
 
-def _import_mlx():
+def import_mlx():
+    """mlx.core, imported as mixer runs it (OpenBLAS preloaded on Linux, TF32 off unless the
+    user set MLX_ENABLE_TF32), or a MixerError that says how to install it."""
     if "mlx.core" not in sys.modules and platform.system() == "Linux":
         _preload_openblas()
     # MLX computes float32 matmuls in TF32 on CUDA and M5-generation Apple GPUs unless
@@ -848,7 +850,8 @@ def _preload_openblas():
             continue
 
 
-def _import_tinygrad():
+def import_tinygrad():
+    """The tinygrad package, or a MixerError that says how to install it."""
     try:
         import tinygrad
     except ImportError as e:
@@ -904,11 +907,11 @@ def mlx_has_gpu() -> bool:
     (mlx[cuda12], mlx[cuda13]) on a machine where CUDA works. MLX is imported only in the CUDA
     case, so that choosing numpy on a plain CPU machine stays as quick as before."""
     if sys.platform == "darwin" and platform.machine() == "arm64":
-        return _installed("mlx")
+        return installed("mlx")
     if not any(_distribution(d) for d in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")):
         return False
     try:
-        return bool(_import_mlx().cuda.is_available())
+        return bool(import_mlx().cuda.is_available())
     except (MixerError, AttributeError, RuntimeError):
         return False
 
@@ -917,7 +920,7 @@ def tinygrad_accelerator() -> bool:
     """Whether the user's DEV names an accelerator for tinygrad (CUDA, NV, AMD, METAL, CL, ...)
     and tinygrad is installed."""
     dev = _user_dev().split(":")[0].upper()
-    return bool(dev) and dev not in ("CPU", "CLANG", "LLVM", "PYTHON") and _installed("tinygrad")
+    return bool(dev) and dev not in ("CPU", "CLANG", "LLVM", "PYTHON") and installed("tinygrad")
 
 
 def _distribution(name: str) -> bool:
@@ -939,7 +942,8 @@ def _user_dev() -> str:
     return "" if dev and dev == chosen else dev
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it."""
     import importlib.util
     return importlib.util.find_spec(module) is not None
 
@@ -1022,7 +1026,7 @@ _MAX_HEADER = 100 * 2**20
 _MAX_DIMS = 8  # a Mixer tensor has at most 4; the cap keeps hostile shapes away from numpy
 
 
-def _open_regular(path, name: str | None = None, what: str = "a weights file"):
+def open_regular(path, name: str | None = None, what: str = "a weights file"):
     """Opens `path` for binary reading if it is a regular file, else a MixerError naming it as
     `name` and saying it is not `what`: a FIFO would block the open (or the read) forever, a
     device such as /dev/zero never ends. The open is non-blocking (it means nothing for regular
@@ -1090,7 +1094,7 @@ class SafetensorsFile(_OpenFile):
     def __init__(self, path, name: str | None = None):
         self.path = os.fspath(path)
         self.name = name or self.path
-        self._file = _open_regular(self.path, self.name)
+        self._file = open_regular(self.path, self.name)
         try:
             self._parse_header()
         except BaseException:
@@ -1471,7 +1475,7 @@ def quantization_plan(config: MixerConfig, group_size: int) -> dict[str, str]:
     return plan
 
 
-def _check_quantization(dtype, group_size) -> tuple[int, int]:
+def check_quantization(dtype, group_size) -> tuple[int, int]:
     """(bits, group size) for a quantised dtype name and group size, or a MixerError."""
     if dtype not in QUANTIZED_DTYPES:
         raise MixerError(f"unknown quantisation {dtype!r}: expected one of "
@@ -1716,7 +1720,8 @@ DEFAULT_PREPROCESSING = {"resize": "crop", "crop_pct": 0.875, "interpolation": "
 AT_RESOLUTION_MAX_BYTES = 4 * 2**30
 
 
-def _gib(n: int) -> str:
+def format_gib(n: int) -> str:
+    """A byte count in GiB for people: 3.4 GiB."""
     return f"{n / 2**30:,.1f} GiB"
 
 
@@ -1833,8 +1838,8 @@ class Mixer:
         the MixerError that it could not be read with), so that a caller (the command line) can
         report an unreadable file and go on. Arguments are checked before the first result.
         Close the generator when stopping early: that ends its decoding threads."""
-        top_k = _positive_int(top_k, "top_k")
-        batch_size = _positive_int(batch_size, "batch_size")
+        top_k = positive_int(top_k, "top_k")
+        batch_size = positive_int(batch_size, "batch_size")
         if resize not in (None, "crop", "squash"):
             raise MixerError(f"resize must be 'crop', 'squash' or None, got {resize!r}")
         if self.config.num_classes is None:
@@ -1856,7 +1861,7 @@ class Mixer:
                              f"{type(images).__name__}") from None
         decode = functools.partial(preprocess, size=self.config.image_size, exact=exact,
                                    resize=resize or self.preprocessing.get("resize", "crop"))
-        with contextlib.closing(_decode_ahead(images, batch_size, decode)) as batches:
+        with contextlib.closing(decode_ahead(images, batch_size, decode)) as batches:
             for batch in batches:
                 # the images that could be read, in one array; the others keep their error
                 good = [pixels for _, _, pixels in batch if not isinstance(pixels, MixerError)]
@@ -1932,9 +1937,9 @@ class Mixer:
         # the new token-mixing kernels grow as K^4 ((K²S, K²D_S) each): refuse before allocating
         need = self.config.num_blocks * 2 * (k * k * g * g) * (k * k * d) * 4
         if need > AT_RESOLUTION_MAX_BYTES:
-            raise MixerError(f"at_resolution({image_size}) would need {_gib(need)} for the new "
+            raise MixerError(f"at_resolution({image_size}) would need {format_gib(need)} for the new "
                              f"token-mixing weights (the limit is "
-                             f"{_gib(AT_RESOLUTION_MAX_BYTES)}): choose a smaller multiple of "
+                             f"{format_gib(AT_RESOLUTION_MAX_BYTES)}): choose a smaller multiple of "
                              f"{old}")
         t = np.arange((k * g) ** 2)[:, None]  # every new token, row-major over the new grid
         y, x = divmod(t, k * g)
@@ -1987,7 +1992,7 @@ class Mixer:
         if source is not None and not isinstance(source, str):
             raise MixerError(f"save: source must be a string or None, got {type(source).__name__}")
         if dtype in QUANTIZED_DTYPES:
-            bits, group_size = _check_quantization(dtype, group_size)
+            bits, group_size = check_quantization(dtype, group_size)
             tensors, layout = self._quantized_tensors(bits, group_size)
             metadata = self._metadata(source)
             metadata["mixer.quantization"] = json.dumps(
@@ -2070,8 +2075,8 @@ def load(path: str, backend: str | None = None, dtype: str = "float32",
     """
     if path is None or not isinstance(path, (str, bytes, os.PathLike)):
         raise MixerError(f"load() takes the path of a weights file, got {path!r}")
-    target = None if quantize is None else _check_quantization(quantize, group_size)
-    with _open_regular(path) as f:
+    target = None if quantize is None else check_quantization(quantize, group_size)
+    with open_regular(path) as f:
         is_zip = f.read(2) == b"PK"
     if is_zip:
         if target:
@@ -2144,8 +2149,8 @@ def init_params(config: MixerConfig, seed: int = 0) -> dict[str, np.ndarray]:
     need = 4 * num_params(config) + 16 * largest
     memory = _physical_memory()
     if memory is not None and need > memory:
-        raise MixerError(f"this config's {num_params(config):,} weights need {_gib(need)}, more "
-                         f"than this machine's {_gib(memory)} of memory")
+        raise MixerError(f"this config's {num_params(config):,} weights need {format_gib(need)}, more "
+                         f"than this machine's {format_gib(memory)} of memory")
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
@@ -2259,7 +2264,7 @@ class NpzFile(_OpenFile):
 
     def __init__(self, path, name: str | None = None):
         self.name = name or os.fspath(path)
-        self._file = _open_regular(path, self.name, "an .npz checkpoint")
+        self._file = open_regular(path, self.name, "an .npz checkpoint")
         try:
             # Checked first: np.load would take any other file for a pickle and refuse it as one.
             magic = self._file.read(4)
@@ -2667,7 +2672,7 @@ def _fetch(url, f, progress, timeout, min_rate, ends, max_size):
                 while len(marks) > 1 and marks[1][0] <= now - window:
                     del marks[0]
                 if marks[0][0] <= now - window and done - marks[0][1] < min_bytes:
-                    raise _TooSlow(f"less than {_size(min_bytes)} arrived in {window:g} s")
+                    raise _TooSlow(f"less than {format_size(min_bytes)} arrived in {window:g} s")
     except _TooSlow:
         raise
     except TimeoutError:  # the socket's: nothing arrived for the whole timeout
@@ -2701,8 +2706,8 @@ def _is_download_url(url: str) -> bool:
 
 def _one_line(text, limit: int = 200) -> str:
     """A server's or user's text fit for one line of a message: runs of white space joined,
-    control characters escaped (_printable), long text cut."""
-    text = _printable(" ".join(str(text).split()))
+    control characters escaped (printable), long text cut."""
+    text = printable(" ".join(str(text).split()))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -2746,7 +2751,7 @@ def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False
     image), and an image of more pixels than Pillow's PIL.Image.MAX_IMAGE_PIXELS.
     """
     Image, ImageOps = _import_pil()
-    size = _positive_int(size, "size")
+    size = positive_int(size, "size")
     if size > MAX_IMAGE_SIZE:  # the output alone would be size * size * 12 bytes
         raise MixerError(f"size {size} is more than {MAX_IMAGE_SIZE} pixels a side: a Mixer "
                          f"takes images of a few hundred pixels (224, 448, ...)")
@@ -2757,10 +2762,10 @@ def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False
         raise MixerError(f"expected an image file's path or a PIL image, got "
                          f"{type(image).__name__} (a preprocessed array goes straight to the "
                          f"model as a batch (B, H, W, 3))")
-    name = _printable(os.fsdecode(image)) if is_path else "image"
+    name = printable(os.fsdecode(image)) if is_path else "image"
     try:
         if is_path:
-            with _open_regular(image, name, "an image") as f, Image.open(f) as img:
+            with open_regular(image, name, "an image") as f, Image.open(f) as img:
                 # our own image object: libjpeg may be told to decode it at reduced scale
                 pixels = _resample_rgb(img, name, size, resize, exact, may_draft=True)
         else:  # the caller's: never changed, so only reduced after decoding
@@ -2774,7 +2779,7 @@ def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False
         raise MixerError(f"{name}: {e} (Pillow's limit: raise PIL.Image.MAX_IMAGE_PIXELS to "
                          f"read an image this large that you trust)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise MixerError(_printable(f"{name}: cannot read the image ({e})")) from None
+        raise MixerError(printable(f"{name}: cannot read the image ({e})")) from None
     return pixels / 127.5 - 1.0
 
 
@@ -2895,7 +2900,7 @@ DECODE_THREADS = min(os.cpu_count() or 1, 8)
 AHEAD_BATCHES = 2
 
 
-def _decode_ahead(images, batch_size: int, decode):
+def decode_ahead(images, batch_size: int, decode):
     """Batches of [(index, image, decode(image) or the MixerError it raised)] in input order.
     `images` (any iterator) is read in the calling thread, batch_size at a time, as the pool
     needs them: memory holds the batch handed out and AHEAD_BATCHES more. Paths are decoded in
@@ -2974,11 +2979,11 @@ def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = S
     + (r - 1) * SHOW_GAP + SHOW_PAD with r = ceil(units / SHOW_COLUMNS)."""
     if not isinstance(model, Mixer):
         raise MixerError(f"show_weights() draws a mixer.Mixer, got {type(model).__name__}")
-    blocks = min(_positive_int(blocks, "blocks"), model.config.num_blocks)
+    blocks = min(positive_int(blocks, "blocks"), model.config.num_blocks)
     ds = model.config.tokens_mlp_dim
-    units = min(_positive_int(units, "units"), ds)
+    units = min(positive_int(units, "units"), ds)
     g = math.isqrt(model.config.num_tokens)
-    cell = max(1, min(8, SHOW_TILE // g)) if cell is None else _positive_int(cell, "cell")
+    cell = max(1, min(8, SHOW_TILE // g)) if cell is None else positive_int(cell, "cell")
     tile = g * cell
     columns, rows = min(units, SHOW_COLUMNS), -(-units // SHOW_COLUMNS)
     band = SHOW_LABEL + rows * tile + (rows - 1) * SHOW_GAP + SHOW_PAD
@@ -3015,8 +3020,18 @@ def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = S
 # Command line.
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the programs: a bad argument is one line on stderr, as every other bad
+    input is ("PROG: error: MESSAGE (PROG --help shows the usage)", status 2), instead of
+    argparse's usage block."""
+
+    def error(self, message):
+        _fail(self.prog, f"error: {printable(message)} ({self.prog} --help shows the usage)", 2)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mixer", description="Classify images with an MLP-Mixer (top-k classes per image).")
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files, or folders: their image files (by extension: "
@@ -3166,8 +3181,8 @@ def _indent(text: str, prefix: str) -> str:
 
 def _text_block(path, top) -> str:
     # file names and label names come from outside: no escape sequence reaches the terminal
-    lines = [_printable(path)]
-    lines += [f"  {p:7.2%}  {_printable(label) if label is not None else f'class {i}'}"
+    lines = [printable(path)]
+    lines += [f"  {p:7.2%}  {printable(label) if label is not None else f'class {i}'}"
               for i, label, p in top]
     return "\n".join(lines) + "\n"
 
@@ -3186,14 +3201,14 @@ def _image_paths(arguments) -> tuple[list, list]:
         found = []
 
         def unlisted(error):
-            problems.append(f"{_printable(os.fsdecode(error.filename))}: cannot list the "
+            problems.append(f"{printable(os.fsdecode(error.filename))}: cannot list the "
                             f"folder ({error.strerror})")
         for folder, subfolders, files in os.walk(argument, onerror=unlisted):
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
             found += [os.path.join(folder, f) for f in files if not f.startswith(".")
                       and f.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
-            problems.append(f"{_printable(os.fsdecode(argument))}: no image files in this folder "
+            problems.append(f"{printable(os.fsdecode(argument))}: no image files in this folder "
                             f"or below (looked for {', '.join(IMAGE_EXTENSIONS)}; hidden files "
                             f"and folders are skipped)")
         paths += sorted(found)
@@ -3272,7 +3287,7 @@ class _ProgressBar:
         rate = (done - self.start[1]) / elapsed if elapsed > 0 else 0.0
         figures = f"{done / 2**20:.1f}" + (f"/{total / 2**20:.1f}" if total else "") + " MiB"
         if rate > 0:
-            figures += f", {_size(rate)}/s"
+            figures += f", {format_size(rate)}/s"
             if total and total > done:
                 figures += f", {_duration((total - done) / rate)} left"
         if self.tty:
@@ -3305,7 +3320,7 @@ class _ProgressBar:
             self.stream.flush()
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
     """A byte count (or a rate's) for people: 512 B, 64 KiB, 1.5 MiB."""
     if n >= 2**20:
         return f"{n / 2**20:.1f} MiB"
@@ -3384,13 +3399,13 @@ def _show_weights_cli(out, weights, variant, source, backend, dtype, blocks, uni
     if source is not None and variant is None:
         raise MixerError("--source picks an official checkpoint: use it with --variant")
     # validated before a large model is loaded: a mistyped number is a quick error
-    blocks = _positive_int(SHOW_BLOCKS if blocks is None else blocks, "--blocks")
-    units = _positive_int(SHOW_UNITS if units is None else units, "--units")
+    blocks = positive_int(SHOW_BLOCKS if blocks is None else blocks, "--blocks")
+    units = positive_int(SHOW_UNITS if units is None else units, "--units")
     backend = backend or "numpy"  # the weights are only read: numpy needs no start-up
     model = (_cli_pretrained(variant, source, backend, dtype) if variant is not None else
              load(weights, backend=backend, dtype=dtype))
     width, height = show_weights(model, out, blocks=blocks, units=units)
-    return f"wrote {_printable(os.fspath(out))} ({width}x{height})\n"
+    return f"wrote {printable(os.fspath(out))} ({width}x{height})\n"
 
 
 def main(argv=None) -> int:

@@ -170,7 +170,7 @@ def _mlx_gelu_keeping_input():
     layer, 50.3 MiB of activations per image for an S/32 training step at 224 against 21.8
     with this (mx.get_peak_memory on MLX's CPU); step time 0.83x and 1.03x of autodiff's in
     two side-by-side runs (noise on a shared machine)."""
-    mx = mixer._import_mlx()
+    mx = mixer.import_mlx()
 
     @mx.custom_function
     def gelu(x):
@@ -206,7 +206,7 @@ class MlxBackend:
     compiled_keeps_buffers = False  # MLX frees a compiled function's intermediates
 
     def __init__(self):
-        self.mx = mixer._import_mlx()
+        self.mx = mixer.import_mlx()
         self.ops = MlxTrainingOps()
         self.group = self.mx.distributed.init()
         self.rank, self.size = self.group.rank(), self.group.size()
@@ -267,7 +267,7 @@ class TinygradBackend:
     def __init__(self):
         if int(os.environ.get("MLX_RANK", "0")) or "MLX_HOSTFILE" in os.environ:
             raise MixerError("data-parallel training (mlx.launch) needs --backend mlx")
-        self.tg = mixer._import_tinygrad()
+        self.tg = mixer.import_tinygrad()
         self.ops = mixer.TinygradOps()
 
     sqrt = staticmethod(lambda x: x.sqrt())
@@ -359,7 +359,7 @@ def default_train_backend() -> str:
     if mixer.tinygrad_accelerator():
         return "tinygrad"
     for name in ("mlx", "tinygrad"):
-        if mixer._installed(name):
+        if mixer.installed(name):
             return name
     raise MixerError('training needs MLX or tinygrad, and neither is installed: pip install '
                      '"mlx[cpu]" (Linux) or mlx (macOS), or pip install tinygrad')
@@ -551,10 +551,10 @@ def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
     share = batch_size // processes
     fits = (budget - fixed) // per_image
     if fits < 1:
-        gib = mixer._gib
+        gib = mixer.format_gib
         raise MixerError(f"training needs about {gib(fixed + per_image)} for one image per "
-                         f"micro-batch ({gib(fixed)} fixed + {mixer._size(per_image)} per image), "
-                         f"more than the {mixer._gib(budget)} budget: give a larger "
+                         f"micro-batch ({gib(fixed)} fixed + {mixer.format_size(per_image)} per image), "
+                         f"more than the {mixer.format_gib(budget)} budget: give a larger "
                          f"--memory-budget if the device has it, a smaller --decode-cache-mib "
                          f"(counted in the fixed part), a smaller model or --image-size, or "
                          f"--dtype bfloat16")
@@ -618,8 +618,8 @@ def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
     peak = fixed + micro * per_image
     line = (f"micro-batch {micro} x {accum} accumulation steps"
             + (f" x {processes} processes" if processes > 1 else "")
-            + f" = {batch_size} per step ({how}): ~{mixer._gib(peak)} estimated of a "
-              f"{mixer._gib(budget)} budget ({source})")
+            + f" = {batch_size} per step ({how}): ~{mixer.format_gib(peak)} estimated of a "
+              f"{mixer.format_gib(budget)} budget ({source})")
     if peak > budget:
         line += (f"; WARNING: more than the budget, a smaller micro-batch (leave out "
                  f"--accum-steps) would fit")
@@ -740,7 +740,7 @@ def _probe(path) -> str | None:
     """Why Pillow cannot open `path` (reading the header only), or None."""
     Image, _ = mixer._import_pil()
     try:
-        with mixer._open_regular(path, what="an image") as f, Image.open(f):
+        with mixer.open_regular(path, what="an image") as f, Image.open(f):
             return None
     except MixerError as e:  # not a regular file (a FIFO would block), or gone
         return str(e).removeprefix(f"{path}: ")  # the caller names the file
@@ -825,7 +825,7 @@ class Reduced:
         image is still 2 or more times larger than needed (other formats; a JPEG beyond 8x).
         -> (the image, the file's signature as it was read). Raises what Pillow raises."""
         Image, _ = mixer._import_pil()
-        with mixer._open_regular(path, what="an image") as f, Image.open(f) as img:
+        with mixer.open_regular(path, what="an image") as f, Image.open(f) as img:
             signature = _signature(os.fstat(f.fileno()))
             width, height = img.size
             limit = Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x its limit
@@ -1278,7 +1278,7 @@ def _truncate_metrics(run_dir: str, path: str, step: int) -> None:
     if not os.path.lexists(path):
         return
     try:
-        with mixer._open_regular(path, what="a metrics file") as f:
+        with mixer.open_regular(path, what="a metrics file") as f:
             data = f.read()
     except MixerError as e:
         raise _damaged(run_dir, str(e), "move it away") from None
@@ -1495,7 +1495,7 @@ class Console:
         if self.enabled:
             # file and folder names from the dataset come through here: escaped, so that a name
             # cannot send the terminal escape sequences or break the line
-            print(("\n" if self.open else "") + f"train: {mixer._printable(message)}",
+            print(("\n" if self.open else "") + f"train: {mixer.printable(message)}",
                   file=sys.stderr, flush=True)
             self.open = False
 
@@ -1834,7 +1834,7 @@ def fold_head(fit: ProbeFit) -> tuple[np.ndarray, np.ndarray]:
 def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, progress,
                      what: str) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logits of `files` (mixer.preprocess at the model's size and resize), batch_size at a
-    time, decoded ahead by classify's pipeline (mixer._decode_ahead) while the model runs.
+    time, decoded ahead by classify's pipeline (mixer.decode_ahead) while the model runs.
     -> (features (N, D) float32, ok (N,) bool: False where a file could not be decoded, e.g.
     changed or damaged since the scan)."""
     size, resize = model.config.image_size, model.preprocessing.get("resize", "crop")
@@ -1842,7 +1842,7 @@ def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, prog
     features = np.zeros((n, model.config.hidden_dim), np.float32)
     ok = np.zeros(n, bool)
     start, done = time.perf_counter(), 0
-    for batch in mixer._decode_ahead(files, batch_size, lambda path: mixer.preprocess(
+    for batch in mixer.decode_ahead(files, batch_size, lambda path: mixer.preprocess(
             path, size=size, resize=resize)):
         good = [(i, im) for i, _, im in batch if not isinstance(im, MixerError)]
         if good:
@@ -1857,7 +1857,7 @@ def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, prog
 
 def _file_digest(path: str) -> str:
     h = hashlib.sha256()
-    with mixer._open_regular(path) as f:
+    with mixer.open_regular(path) as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()[:16]
@@ -2098,7 +2098,7 @@ def _draw_curves(metrics_path: str, png_path: str) -> None:
     over; an empty file draws empty panels."""
     from PIL import Image, ImageDraw
 
-    with mixer._open_regular(metrics_path, what="a metrics file") as f:
+    with mixer.open_regular(metrics_path, what="a metrics file") as f:
         data = f.read()
     records = []
     for line in data.splitlines():
@@ -2246,7 +2246,7 @@ def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
     and writes RUN_DIR/eval.json and RUN_DIR/confusion.png; prints a summary on stdout."""
     if data_dir is None or weights is None:
         raise MixerError("--eval-only scores --weights FILE on DATA_DIR: give both")
-    batch_size = mixer._positive_int(EVAL_BATCH if batch_size is None else batch_size,
+    batch_size = mixer.positive_int(EVAL_BATCH if batch_size is None else batch_size,
                                      "--batch-size")
     console = Console(enabled=not quiet)
     folder = eval_folder(data_dir)
@@ -2366,7 +2366,7 @@ def draw_confusion(matrix: np.ndarray, names: list[str], title: str):
     Image, _ = mixer._import_pil()
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default()
-    names = [mixer._printable(x if len(x) <= NAME_CHARS else x[:NAME_CHARS - 1] + "…")
+    names = [mixer.printable(x if len(x) <= NAME_CHARS else x[:NAME_CHARS - 1] + "…")
              for x in names]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text = math.ceil(max(measure.textlength(x, font=font) for x in names + ["true \\ predicted"]))
@@ -2401,8 +2401,8 @@ def _print_summary(result: EvalResult, labels) -> None:
                    key=lambda c: (c["top1"], -c["images"]))[:5]
     for c in worst:
         print(f"  {c['top1']:7.2%}  {c['correct']}/{c['images']}  "
-              f"{mixer._printable(c['label'])}")
-    print(f"wrote {mixer._printable(os.path.join(result.run_dir, EVAL_JSON))} and "
+              f"{mixer.printable(c['label'])}")
+    print(f"wrote {mixer.printable(os.path.join(result.run_dir, EVAL_JSON))} and "
           f"{CONFUSION_PNG}")
 
 
@@ -2411,7 +2411,7 @@ def _print_summary(result: EvalResult, labels) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = mixer.ArgumentParser(
         prog="train", description="Fine-tune an MLP-Mixer on DATA_DIR/train/<class>/<image> "
         "(recipe of the paper: momentum SGD, clipping, warmup + cosine).")
     parser.add_argument("data_dir", nargs="?", metavar="DATA_DIR",

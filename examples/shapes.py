@@ -83,7 +83,7 @@ def draw(name: str, size: int, rng) -> "PIL.Image.Image":  # noqa: F821
 def write(out: str, train: int, val: int, size: int, seed: int) -> int:
     """Writes the dataset; returns the number of files written."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise MixerError(f"{mixer._printable(out)} exists and is not an empty folder: give a "
+        raise MixerError(f"{mixer.printable(out)} exists and is not an empty folder: give a "
                          f"new folder")
     written = 0
     for split, count, stream in (("train", train, 0), ("val", val, 1)):
@@ -99,7 +99,7 @@ def write(out: str, train: int, val: int, size: int, seed: int) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = mixer.ArgumentParser(prog="shapes.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", metavar="OUT", help="a new (or empty) folder")
     parser.add_argument("--train", type=int, default=300, help="training images per class")
     parser.add_argument("--val", type=int, default=200, help="validation images per class")
@@ -109,13 +109,13 @@ def main(argv=None) -> int:
 
     def body():
         for what in ("train", "val"):
-            mixer._positive_int(getattr(args, what), f"--{what}")
+            mixer.positive_int(getattr(args, what), f"--{what}")
         if not 16 <= args.size <= 4096:
             raise MixerError(f"--size must be between 16 and 4096 pixels, got {args.size}")
         if args.seed < 0:
             raise MixerError(f"--seed must be >= 0, got {args.seed}")
         n = write(args.out, args.train, args.val, args.size, args.seed)
-        print(f"wrote {n} pictures of {len(CLASSES)} classes to {mixer._printable(args.out)}")
+        print(f"wrote {n} pictures of {len(CLASSES)} classes to {mixer.printable(args.out)}")
     return mixer.run_main("shapes.py", body)
 
 

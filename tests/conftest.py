@@ -112,7 +112,7 @@ def mlx_cpu_split(monkeypatch):
     MLX's OpenBLAS (its `inside` lists one entry per split batch); checks afterwards that the
     OpenBLAS thread count was restored. Skips where MLX calls no OpenBLAS (not Linux)."""
     import mixer
-    mx = mixer._import_mlx()
+    mx = mixer.import_mlx()
     blas = mixer.mlx_openblas()
     if blas is None:
         pytest.skip("MLX calls no OpenBLAS here (not Linux, or MIXER_NO_OPENBLAS is set)")

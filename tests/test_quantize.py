@@ -65,7 +65,7 @@ def matrix(seed, rows=64, cols=256):
 def test_packing_is_mlx_format(bits, group_size):
     """MLX reads our packed words as they are (mx.dequantize gives our floats exactly), we read
     mx.quantize's words as MLX does, and our rounding error is no worse than mx.quantize's."""
-    mx = mixer._import_mlx()
+    mx = mixer.import_mlx()
     w = matrix(bits * 1000 + group_size)
     q = mixer.quantize(w, bits, group_size, "in_out")
     ours = q.dequantize()
@@ -320,7 +320,7 @@ class FakeBlas:
 @pytest.mark.parametrize("dtype, group_size", [("int8", 64), ("int4", 32)])
 def test_mlx_quantized_matmul_equals_dequantised_path_on_cpu(tmp_path, params, images, dtype,
                                                              group_size):
-    mx = mixer._import_mlx()
+    mx = mixer.import_mlx()
     path = saved(tmp_path, params, dtype, group_size)
     device = mx.default_device()
     mx.set_default_device(mx.cpu)

@@ -45,16 +45,16 @@ def test_the_probe_tells_float32_from_tf32():
     assert mixer.float32_matmul_exact(a @ b)
     assert not mixer.float32_matmul_exact(as_tf32(a) @ as_tf32(b))
     assert as_tf32(np.float32(1 + 2 ** -10)) == np.float32(1 + 2 ** -10)  # TF32 keeps 10 bits
-    mx = mixer._import_mlx()
+    mx = mixer.import_mlx()
     assert mixer.float32_matmul_exact(np.array(mx.array(a) @ mx.array(b)))  # MLX's CPU: exact
 
 
 def test_mlx_import_asks_mlx_for_float32_and_keeps_a_users_choice(monkeypatch):
     monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
-    mixer._import_mlx()
+    mixer.import_mlx()
     assert os.environ["MLX_ENABLE_TF32"] == "0"
     monkeypatch.setenv("MLX_ENABLE_TF32", "1")
-    mixer._import_mlx()
+    mixer.import_mlx()
     assert os.environ["MLX_ENABLE_TF32"] == "1"
 
 
@@ -63,7 +63,7 @@ def test_mlx_refuses_tf32_unless_the_user_asked_for_it(monkeypatch, setting):
     """When MLX already computes in TF32 (it read MLX_ENABLE_TF32 before mixer set it), a
     float32 model is refused, unless the user opted in; half precision is not concerned."""
     monkeypatch.setattr(mixer, "_mlx_float32_exact", lambda device: False)
-    mixer._import_mlx()
+    mixer.import_mlx()
     if setting is None:
         monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
     else:
@@ -121,7 +121,7 @@ def test_mlx_gpu_is_found_on_apple_silicon_and_with_cuda(monkeypatch):
             is_available = staticmethod(lambda: FakeMlx.cuda.available)
 
     monkeypatch.setattr(mixer.sys, "platform", "linux")
-    monkeypatch.setattr(mixer, "_import_mlx", lambda: FakeMlx)
+    monkeypatch.setattr(mixer, "import_mlx", lambda: FakeMlx)
     installed = set()
     monkeypatch.setattr(mixer, "_distribution", lambda name: name in installed)
     assert not mixer.mlx_has_gpu()  # mlx[cpu]: not even imported
@@ -131,7 +131,7 @@ def test_mlx_gpu_is_found_on_apple_silicon_and_with_cuda(monkeypatch):
     assert not mixer.mlx_has_gpu()
     monkeypatch.setattr(mixer.sys, "platform", "darwin")
     monkeypatch.setattr(mixer.platform, "machine", lambda: "arm64")
-    assert mixer.mlx_has_gpu() == mixer._installed("mlx")
+    assert mixer.mlx_has_gpu() == mixer.installed("mlx")
 
 
 def test_dev_without_its_device_is_one_clear_error(tmp_path):

@@ -206,7 +206,7 @@ def test_unwritable_folder_exit_2(data, tmp_path, monkeypatch, capsys):
 
 def test_no_training_backend_names_both(data, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MIXER_BACKEND", raising=False)
-    monkeypatch.setattr(mixer, "_installed", lambda module: False)
+    monkeypatch.setattr(mixer, "installed", lambda module: False)
     code, err = cli(capsys, data, "--variant", "S/32", "--steps", "1", "--out", tmp_path / "r")
     assert_refused(code, err, 'pip install "mlx[cpu]" (Linux) or mlx (macOS), or pip install '
                               'tinygrad')
