@@ -45,6 +45,17 @@ def flops_per_image(config: mixer.MixerConfig) -> int:
     return 2 * macs
 
 
+def blas_corename(blas: mixer.OpenBLAS | None) -> str | None:
+    """The kernels an OpenBLAS (mixer.openblas(), mixer.mlx_openblas()) picked for this CPU
+    ("Haswell", "SkylakeX", ...): they decide its GEMM speed. None without one."""
+    if blas is None:
+        return None
+    import ctypes
+    corename = getattr(blas.lib, blas.symbol.format("get_corename"))
+    corename.restype, corename.argtypes = ctypes.c_char_p, []
+    return corename().decode(errors="replace")
+
+
 def gemm_ceiling(n: int = 2048, seconds: float = 3.0) -> float:
     """Best GFLOP/s of an n x n float32 numpy matmul."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
@@ -750,13 +761,12 @@ def main(argv=None):
                "dtype": args.dtype, "torch_device": args.torch_device if use_torch else None}
     # OpenBLAS's kernels decide the GEMM speed of numpy (and of MLX on Linux); an environment
     # may force them (OPENBLAS_CORETYPE=Haswell runs an AVX-512 CPU at half speed)
-    blas = mixer.openblas()
-    machine["numpy_blas"] = blas.corename() if blas else None
+    machine["numpy_blas"] = blas_corename(mixer.openblas())
     try:  # an MLX that will not import is reported by its worker, as skipped
         mlx_blas = mixer.mlx_openblas() if "mlx" in backends else None
     except mixer.MixerError:
         mlx_blas = None
-    machine["mlx_blas"] = mlx_blas.corename() if mlx_blas else None
+    machine["mlx_blas"] = blas_corename(mlx_blas)
     forced = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")}
     machine.update(forced)
     ceiling = gemm_ceiling()

@@ -1,19 +1,13 @@
 """MLP-Mixer for MLX, tinygrad and numpy, in one file.
 
 Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for Vision", NeurIPS 2021, arXiv:2105.01601.
+The names are those of the official code (google-research/vision_transformer,
+vit_jax/models_mixer.py) and its checkpoints: "stem/kernel", "MixerBlock_0/token_mixing/...".
 
-The model is written once (`forward` below) over a tiny backend shim with three implementations:
-  mlx       Apple-silicon GPU (CPU elsewhere); differentiable, used by train.py
-  tinygrad  whatever device DEV selects (CUDA, NV, CL, METAL, CPU); differentiable
-  numpy     inference anywhere numpy runs; no other dependency
-
-Weights are safetensors files whose tensor names are the official flax checkpoint keys
-("stem/kernel", "MixerBlock_0/token_mixing/Dense_0/kernel", ...), in the official layouts
-(Dense kernels (in, out), stem kernel HWIO). The file's metadata carries the config, the label
-names and the preprocessing, so a weights file is all a user needs.
-
-Copy this file into any project: it needs numpy plus the backend you use (Pillow for images).
-It downloads and converts the official checkpoints by itself (standard library only).
+The file reads top to bottom: numerics, config and variants, the model (written once), the backend
+shim (numpy, mlx, tinygrad) and its speed machinery, weights files, quantisation, the Mixer class,
+images, official checkpoints, the command line. It needs numpy plus the backend you use (Pillow
+for images), and downloads and converts the official checkpoints itself (standard library only).
 
     import mixer
     model = mixer.pretrained("B/16")  # gsam/Mixer-B_16.npz, downloaded and converted once
@@ -21,7 +15,6 @@ It downloads and converts the official checkpoints by itself (standard library o
     print(model.classify(["cat.jpg"]))
 
     python mixer.py cat.jpg --variant B/16
-    python mixer.py cat.jpg --weights weights/gsam-Mixer-B_16.safetensors
 """
 
 from __future__ import annotations
@@ -47,12 +40,10 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
-from dataclasses import dataclass
 
 if __name__ == "__main__":
     def _interrupted_while_starting(kind, value, tb, report=sys.excepthook):
-        """Ctrl-C during start-up (importing numpy and a backend takes a moment, before
-        run_main's handling begins): one line and status 130, as at any later moment."""
+        """Ctrl-C while numpy and a backend import (before run_main's handling): one line, 130."""
         if issubclass(kind, KeyboardInterrupt):
             print("mixer: interrupted", file=sys.stderr, flush=True)
             os._exit(130)
@@ -61,46 +52,26 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402 -- after the start-up handler above
 
-# --------------------------------------------------------------------------------------------
 # Numerics that decide parity with the official (flax) outputs.
-
-LN_EPS = 1e-6  # flax nn.LayerNorm default; MLX and tinygrad default to 1e-5
+LN_EPS = 1e-6  # flax nn.LayerNorm's default; MLX and tinygrad default to 1e-5
 GELU_C = math.sqrt(2.0 / math.pi)  # flax nn.gelu is the tanh approximation (approximate=True)
-FORMAT_VERSION = "1"  # bump when the metadata layout changes
+
+
+def gelu_tanh(x, tanh):
+    """0.5 x (1 + tanh(GELU_C (x + 0.044715 x^3))) for any array type, given its tanh."""
+    return 0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * (x * x * x))))
 
 
 class MixerError(Exception):
-    """A user-facing problem (bad file, bad image, bad argument): the message says what to do."""
-
-
-def positive_int(value, what: str) -> int:
-    """value as an int >= 1 (numpy integers too; bools, floats and strings refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise MixerError(f"{what} must be a positive int, got {value!r}")
-    return int(value)
-
-
-# Characters that a terminal acts on or that break a line: C0 and C1 controls, DEL, the
-# Unicode line and paragraph separators; and lone surrogates, which cannot be encoded for
-# printing at all (U+DC80..U+DCFF stand for the undecodable bytes of a file name: os.fsdecode).
-_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_UNPRINTABLE.update({c: f"\\u{c:04x}" for c in [0x2028, 0x2029, *range(0xD800, 0xE000)]})
-_UNPRINTABLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
-
-
-def printable(text: str) -> str:
-    """text with the characters above written as escapes (\\x1b, \\n as \\x0a, an undecodable
-    byte as \\xff), other Unicode kept: a label or a file name cannot move the cursor, retitle
-    the terminal or start a new output line."""
-    return text.translate(_UNPRINTABLE)
+    """A user-facing problem (bad file, image or argument); the message says what to do."""
 
 
 # --------------------------------------------------------------------------------------------
-# Config and variants (paper Table 1). Field names are the official code's.
+# Config and variants (paper Table 1), with the official code's field names.
 
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class MixerConfig:
+    """The architecture; frozen, with the official field names."""
     patch_size: int  # P: stem conv kernel = stride
     hidden_dim: int  # C: channels per token
     num_blocks: int  # N: Mixer blocks
@@ -110,40 +81,35 @@ class MixerConfig:
     image_size: int = 224  # fixes S, the token-mixing input size: (image_size / P) ** 2
 
     def __post_init__(self):
-        for field in ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim",
-                      "channels_mlp_dim", "image_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MixerError(f"MixerConfig.{field} must be a positive int, got {value!r}")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int)
-                                             or isinstance(self.num_classes, bool)
-                                             or self.num_classes < 1):
-            raise MixerError(f"MixerConfig.num_classes must be a positive int or None, "
-                             f"got {self.num_classes!r}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if (not isinstance(value, int) or isinstance(value, bool) or value < 1) \
+                    and not (field.name == "num_classes" and value is None):
+                raise MixerError(f"MixerConfig.{field.name} must be a positive int"
+                                 f"{' or None' if field.name == 'num_classes' else ''}, "
+                                 f"got {value!r}")
         if self.image_size % self.patch_size:
             raise MixerError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
 
     @property
-    def num_tokens(self) -> int:  # S
+    def num_tokens(self) -> int:
+        """S, the number of patches."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
     def variant(self) -> str | None:
         """The paper's name ("B/16") when the architecture is one of VARIANTS, else None."""
-        # compare fields, not replace(v, image_size=...): that raises when a variant's patch
-        # size does not divide this image size (a custom 20px model, B/16 at 400px)
-        arch = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
-        for name, v in VARIANTS.items():
-            if all(getattr(v, f) == getattr(self, f) for f in arch):
-                return name
-        return None
+        arch = lambda c: dataclasses.astuple(c)[:5]  # noqa: E731 -- the fields before the head
+        return next((name for name, v in VARIANTS.items() if arch(v) == arch(self)), None)
 
     def to_dict(self) -> dict:
+        """The fields as a dict (what a weights file's metadata holds)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixerConfig":
+        """The config of to_dict's dict; a MixerError naming the keys for anything else."""
         fields = dataclasses.fields(cls)
         names = {f.name for f in fields}
         required = {f.name for f in fields if f.default is dataclasses.MISSING}
@@ -152,21 +118,49 @@ class MixerConfig:
         return cls(**d)
 
 
-def _variant(p, c, n, ds, dc):
-    return MixerConfig(patch_size=p, hidden_dim=c, num_blocks=n, tokens_mlp_dim=ds,
-                       channels_mlp_dim=dc)
-
-
-VARIANTS = {
-    "S/32": _variant(32, 512, 8, 256, 2048),
-    "S/16": _variant(16, 512, 8, 256, 2048),
-    "S/8": _variant(8, 512, 8, 256, 2048),
-    "B/32": _variant(32, 768, 12, 384, 3072),
-    "B/16": _variant(16, 768, 12, 384, 3072),
-    "L/32": _variant(32, 1024, 24, 512, 4096),
-    "L/16": _variant(16, 1024, 24, 512, 4096),
-    "H/14": _variant(14, 1280, 32, 640, 5120),
+VARIANTS = {  # patch_size P, hidden_dim C, num_blocks N, tokens_mlp_dim D_S, channels_mlp_dim D_C
+    "S/32": MixerConfig(32, 512, 8, 256, 2048),
+    "S/16": MixerConfig(16, 512, 8, 256, 2048),
+    "S/8": MixerConfig(8, 512, 8, 256, 2048),
+    "B/32": MixerConfig(32, 768, 12, 384, 3072),
+    "B/16": MixerConfig(16, 768, 12, 384, 3072),
+    "L/32": MixerConfig(32, 1024, 24, 512, 4096),
+    "L/16": MixerConfig(16, 1024, 24, 512, 4096),
+    "H/14": MixerConfig(14, 1280, 32, 640, 5120),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# The model, written once over the backend shim below. `params` maps the official names to
+# backend arrays; Dense kernels are (in, out): y = x @ kernel + bias.
+
+def mlp(ops, params, prefix, x):
+    """MlpBlock: Dense_1(gelu(Dense_0(x))) over the last axis."""
+    p = lambda name: params[prefix + name]  # noqa: E731
+    return ops.mlp(x, p("Dense_0/kernel"), p("Dense_0/bias"), p("Dense_1/kernel"), p("Dense_1/bias"))
+
+
+def mixer_block(ops, params, prefix, x):
+    """x (B, S, C): token mixing across the S tokens (T swaps tokens and channels), then channel
+    mixing across the C channels; each pre-norm, with a residual."""
+    ln = lambda name, y: ops.layer_norm(y, params[prefix + name + "/scale"],  # noqa: E731
+                                        params[prefix + name + "/bias"])
+    x = x + ops.swap(mlp(ops, params, prefix + "token_mixing/", ops.swap(ln("LayerNorm_0", x))))
+    return x + mlp(ops, params, prefix + "channel_mixing/", ln("LayerNorm_1", x))
+
+
+def forward(ops, params, x, num_blocks: int, head: bool = True):
+    """x: (B, H, W, 3) in [-1, 1] -> logits (B, num_classes), or pre-logits (B, C) if not head."""
+    kernel = params["stem/kernel"]
+    p = kernel_shape(kernel)[0]
+    if not isinstance(kernel, dict):  # the P x P, stride-P conv is a Dense on flattened patches
+        kernel = kernel.reshape(p * p * 3, kernel.shape[3])  # (a quantised one is stored so)
+    x = ops.dense(ops.patchify(x, p), kernel, params["stem/bias"])  # (B, S, C)
+    for i in range(num_blocks):
+        x = mixer_block(ops, params, f"MixerBlock_{i}/", x)
+    x = ops.layer_norm(x, params["pre_head_layer_norm/scale"], params["pre_head_layer_norm/bias"])
+    x = ops.token_mean(x)  # (B, C) pre-logits
+    return ops.dense(x, params["head/kernel"], params["head/bias"]) if head else x
 
 
 def param_shapes(config: MixerConfig) -> dict[str, tuple[int, ...]]:
@@ -191,8 +185,7 @@ def param_shapes(config: MixerConfig) -> dict[str, tuple[int, ...]]:
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> MixerConfig:
-    """Read the architecture off the official-named arrays of a checkpoint. Validation is
-    separate (check_shapes)."""
+    """The architecture read off a checkpoint's official-named shapes (check_shapes validates)."""
     def get(name):
         if name not in shapes:
             raise MixerError(f"tensor {name!r} is missing: this is not a Mixer checkpoint")
@@ -223,210 +216,146 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> MixerConfig:
 
 
 def check_shapes(config: MixerConfig, shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """Strict: every expected tensor present with its exact shape, nothing extra."""
-    expected = param_shapes(config)
+    """Strict: every tensor of `config` present with its exact shape, nothing extra."""
+    _check_tensors(what, param_shapes(config), shapes)
+
+
+def _check_tensors(what: str, expected: dict, shapes: dict, dtypes: dict | None = None,
+                  dtype_of=None, why: str = "") -> None:
+    """Strict: each `expected` name -> shape in `shapes`, with dtype_of(name) == dtypes[name]
+    where dtypes names one, and nothing else; `why` ends each message."""
     missing = [k for k in expected if k not in shapes]
     extra = sorted(k for k in shapes if k not in expected)
     if missing:
         raise MixerError(f"{what}: tensor {missing[0]!r} is missing (expected shape "
-                         f"{expected[missing[0]]}; {len(missing)} missing in all)")
+                         f"{expected[missing[0]]}; {len(missing)} missing in all){why}")
     if extra:
         raise MixerError(f"{what}: unexpected tensor {extra[0]!r} with shape {shapes[extra[0]]} "
-                         f"({len(extra)} extra in all)")
+                         f"({len(extra)} extra in all){why}")
     for k, shape in expected.items():
-        if tuple(shapes[k]) != shape:
-            raise MixerError(f"{what}: tensor {k!r} has shape {tuple(shapes[k])}, "
-                             f"expected {shape}")
+        want = (dtypes or {}).get(k)
+        if tuple(shapes[k]) == shape and not (want and dtype_of(k) != want):
+            continue
+        if dtypes is None:
+            raise MixerError(f"{what}: tensor {k!r} has shape {tuple(shapes[k])}, expected "
+                             f"{shape}{why}")
+        raise MixerError(f"{what}: tensor {k!r} is {dtype_of(k)} {tuple(shapes[k])}, expected "
+                         f"{want or 'a float'} {shape}{why}")
+
+
+def positive_int(value, what: str) -> int:
+    """value as an int >= 1 (numpy integers too; bools, floats and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise MixerError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
+
+
+# What a terminal acts on or what breaks a line (C0 and C1 controls, DEL, U+2028/9), and lone
+# surrogates, which cannot be printed (U+DC80..U+DCFF are a file name's undecodable bytes).
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_UNPRINTABLE.update({c: f"\\u{c:04x}" for c in [0x2028, 0x2029, *range(0xD800, 0xE000)]})
+_UNPRINTABLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
+
+
+def printable(text: str) -> str:
+    """text with those characters as escapes (\\x1b, \\x0a, an undecodable byte as \\xff), other
+    Unicode kept: a label or a file name cannot move the cursor or start a new output line."""
+    return text.translate(_UNPRINTABLE)
 
 
 # --------------------------------------------------------------------------------------------
-# The backend shim: every primitive the model uses, on one screen.
-#   asarray(np) -> backend array      numpy(a) -> np.ndarray
-#   dense(x, kernel, bias)            x @ kernel + bias over the last axis
-#   mlp(x, kernel_0, bias_0, kernel_1, bias_1)
-#                                     MlpBlock: Dense_1(gelu(Dense_0(x))), tanh GELU, x (B, N, D)
-#   layer_norm(x, scale, bias)        over the last axis, eps LN_EPS
-#   swap(x)                           (B, M, N) -> (B, N, M): the paper's T, a view where possible
-#   patchify(x, p)                    (B, H, W, 3) -> (B, H/p * W/p, p * p * 3), row-major
-#   compile(fn)                       the backend's compiled version of fn(params, x)
-#   quantized(w)                      a QuantizedTensor -> the backend's quantised kernel, a dict
-#                                     (packed words, scales, biases and the QuantizedTensor's
-#                                     bits, group_size, layout, shape); dense and mlp take these
-#                                     kernels too, dequantising one layer at a time
-# Each takes dtype (COMPUTE_DTYPES): what asarray makes, and so what the forward computes in.
-# Arithmetic (+), reshape and mean(axis) are the arrays' own, the same on all three.
+# The backend shim: every primitive the model uses, the same on each backend.
+#   asarray(np) -> backend array       numpy(a) -> np.ndarray (float32, or uint32 words)
+#   dense(x, kernel, bias)             x @ kernel + bias over the last axis
+#   mlp(x, kernel_0, bias_0, kernel_1, bias_1)   Dense_1(gelu(Dense_0(x))), tanh GELU
+#   layer_norm(x, scale, bias)         over the last axis, eps LN_EPS, statistics in float32
+#   swap(x)                            (B, M, N) -> (B, N, M): the paper's T
+#   patchify(x, p)                     (B, H, W, 3) -> (B, H/p * W/p, p * p * 3), row-major
+#   token_mean(x)                      (B, S, C) -> (B, C), in float32
+#   compile(fn)                        fn(params, x), compiled (and split, see Speed)
+#   quantized(w)                       a QuantizedTensor as a kernel dict that dense and mlp
+#                                      take, dequantised a layer at a time
+# dtype (COMPUTE_DTYPES) is what asarray makes, and so what the forward computes in.
 
-
-# MLX and tinygrad keep process-wide state (tinygrad's JIT capture and scheduler, MLX's graph
-# evaluation and compile cache) that two threads must not drive at once: every call into them
-# from the shim holds its backend's lock, so a model can be shared by a thread pool (calls run
-# one at a time; numpy's run side by side). MLX's split_batch streams are made per thread.
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+# MLX and tinygrad keep process-wide state (graph evaluation, compile caches, JIT capture) that
+# two threads must not drive at once: the shim holds its backend's lock in every call into them.
 BACKEND_LOCKS = {"mlx": threading.RLock(), "tinygrad": threading.RLock()}
 
 
-def gelu_tanh(x, tanh):
-    return 0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * (x * x * x))))
+def kernel_shape(kernel) -> tuple:
+    """A kernel's official shape, a quantised one's (a dict, see quantized) too."""
+    return kernel["shape"] if isinstance(kernel, dict) else kernel.shape
 
 
-class OpenBLAS:
-    """An OpenBLAS reached through ctypes to read and set its thread count and to name the
-    kernels it picked: numpy's bundled one (`openblas()`) or the system's one that MLX calls on
-    Linux (`mlx_openblas()`). Not numpy or MLX API: both return None wherever it does not apply
-    (numpy on Accelerate or MKL, symbols renamed, MLX on its own BLAS), and callers then run
-    serially."""
+class _Ops:
+    """What the three backends share: the dtype check, patchify and quantised kernels."""
+    lock = contextlib.nullcontext()
 
-    _lock = threading.Lock()  # one thread-count change at a time: it is process-wide
-
-    def __init__(self, get_threads, set_threads, corename):
-        self._get, self._set, self._corename = get_threads, set_threads, corename
-
-    @classmethod
-    def from_library(cls, lib, prefixes: tuple = ("openblas",)) -> OpenBLAS | None:
-        """lib: a ctypes.CDLL; prefixes: the symbol prefixes to try (scipy_openblas in numpy)."""
-        import ctypes
-        for prefix in prefixes:
-            for suffix in ("64_", ""):
-                fns = [getattr(lib, f"{prefix}_{name}{suffix}", None)
-                       for name in ("get_num_threads", "set_num_threads", "get_corename")]
-                if all(fns):
-                    get, set_, core = fns
-                    get.restype, get.argtypes = ctypes.c_int, []
-                    set_.restype, set_.argtypes = None, [ctypes.c_int]
-                    core.restype, core.argtypes = ctypes.c_char_p, []
-                    return cls(get, set_, core)
-        return None
-
-    @classmethod
-    def find(cls) -> OpenBLAS | None:
-        """numpy's bundled OpenBLAS."""
-        import ctypes
-        import glob
-        root = os.path.dirname(np.__file__)
-        for path in sorted(glob.glob(os.path.join(root, os.pardir, "numpy.libs", "*openblas*"))
-                           + glob.glob(os.path.join(root, ".dylibs", "*openblas*"))):
-            try:
-                lib = ctypes.CDLL(path)  # already loaded by numpy: the same library instance
-            except OSError:
-                continue
-            blas = cls.from_library(lib, ("scipy_openblas", "openblas"))
-            if blas:
-                return blas
-        return None
-
-    def threads(self) -> int:
-        return self._get()
-
-    def corename(self) -> str:
-        return self._corename().decode(errors="replace")
-
-    @contextlib.contextmanager
-    def single_threaded(self):
-        """OpenBLAS on one thread inside, so that each GEMM runs in the thread that calls it;
-        restored on the way out, unless someone else set another count meanwhile (theirs is
-        kept). Other threads' GEMMs on this library run single-threaded meanwhile."""
-        with self._lock:
-            threads = self._get()
-            self._set(1)
-            try:
-                yield
-            finally:
-                if self._get() == 1:
-                    self._set(threads)
-
-    def map_single_threaded(self, fn, items: list) -> list:
-        """fn over items, one Python thread each, OpenBLAS single-threaded meanwhile. numpy
-        releases the GIL in GEMMs and element-wise loops, so every core does both."""
-        from concurrent.futures import ThreadPoolExecutor
-        with self.single_threaded(), ThreadPoolExecutor(len(items)) as pool:
-            return list(pool.map(fn, items))
-
-
-@functools.cache
-def openblas() -> OpenBLAS | None:
-    """numpy's OpenBLAS (see OpenBLAS), looked up once."""
-    return OpenBLAS.find()
-
-
-@functools.cache
-def mlx_openblas() -> OpenBLAS | None:
-    """The OpenBLAS in the process's global namespace, which MLX's GEMMs call on Linux (see
-    _preload_openblas), looked up once; None elsewhere."""
-    import ctypes
-    if platform.system() != "Linux":
-        return None
-    import_mlx()  # preloads it, unless MLX was imported first
-    try:
-        return OpenBLAS.from_library(ctypes.CDLL(None))
-    except OSError:
-        return None
-
-
-# The one switch of the speed machinery: data-parallel CPU forwards (numpy, and MLX on a Linux
-# CPU) set OpenBLAS to one thread while they run, which a program that manages BLAS threads
-# itself (threadpoolctl, its own openblas_set_num_threads) may not want: set False, or run
-# with MIXER_DATA_PARALLEL=0, and mixer never changes OpenBLAS's thread count.
-DATA_PARALLEL = os.environ.get("MIXER_DATA_PARALLEL", "1") != "0"
-
-
-def _split_count(batch: int, rows: int, threads: int, min_rows: int) -> int:
-    """Into how many parts a batch of `batch` images holding `rows` token rows in all is split,
-    one part per thread, for a data-parallel forward: 1 (serial) below `min_rows` rows per
-    thread, when the parts would be too unequal (3 images on 2 threads measured 0.86x), or
-    when DATA_PARALLEL is off."""
-    if not DATA_PARALLEL:
-        return 1
-    n = min(batch, rows // min_rows, threads)
-    return n if n >= 2 and batch / (n * -(-batch // n)) >= 0.9 else 1
-
-
-class NumpyOps:
-    """Inference with numpy alone: large GEMMs, element-wise work in place and in cache, and T as
-    a free view, so token mixing copies no activation."""
-    name = "numpy"
-
-    def __init__(self, dtype: str = "float32"):
-        if _check_dtype(dtype) != "float32":
-            raise MixerError(f"the numpy backend computes in float32 only (numpy has no fast "
-                             f"{dtype} matmul): use backend \"mlx\" or \"tinygrad\" (--backend) for {dtype}")
+    def __init__(self, dtype: str):
+        if dtype not in COMPUTE_DTYPES:
+            raise MixerError(f"unknown dtype {dtype!r}: expected one of "
+                             f"{', '.join(COMPUTE_DTYPES)}")
         self.dtype = dtype
 
-    HIDDEN_CHUNK = 1 << 21  # hidden activations per MLP chunk (8 MiB): measured best on B/16
+    def patchify(self, x, p):
+        b, h, w, c = x.shape
+        x = self.transpose(x.reshape(b, h // p, p, w // p, p, c), (0, 1, 3, 2, 4, 5))
+        return x.reshape(b, (h // p) * (w // p), p * p * c)  # (row-in-patch, col-in-patch, rgb)
+
+    def quantized(self, w):
+        # bits, group size, layout and shape ride along as constants (mx.compile and TinyJit
+        # take non-array leaves as they are)
+        with self.lock:
+            return {"packed": self.words(w.packed), "scales": self.asarray(w.scales),
+                    "biases": self.asarray(w.biases), "bits": w.bits, "group_size": w.group_size,
+                    "layout": w.layout, "shape": w.shape}
+
+    def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):
+        return self.dense(self._gelu(self.dense(x, kernel_0, bias_0)), kernel_1, bias_1)
+
+
+class NumpyOps(_Ops):
+    """Inference with numpy alone, in float32: one GEMM over all rows, element-wise work in place,
+    and T as a free view, so that token mixing copies no activation."""
+    name = "numpy"
+    HIDDEN_CHUNK = 1 << 21  # hidden activations per MLP chunk (8 MiB): they stay in cache
+    MIN_ROWS_PER_THREAD = 96  # token rows per thread below which a batch runs serially
+    transpose = staticmethod(np.transpose)
+    words = numpy = staticmethod(np.asarray)
+
+    def __init__(self, dtype: str = "float32"):
+        super().__init__(dtype)
+        if dtype != "float32":
+            raise MixerError(f"the numpy backend computes in float32 only (numpy has no fast "
+                             f"{dtype} matmul): use backend \"mlx\" or \"tinygrad\" (--backend) "
+                             f"for {dtype}")
 
     def asarray(self, a):
         return np.asarray(a, dtype=np.float32)
 
-    def numpy(self, a):
-        return np.asarray(a)
-
-    def quantized(self, w):
-        return _quantized_kernel(w, w.packed, w.scales.astype(np.float32),
-                                 w.biases.astype(np.float32))
-
     @staticmethod
     def _matrix(kernel):
-        """A kernel as an (in, out) float32 matrix: a quantised one dequantised into a buffer of
-        this call's own (threads running the model side by side each get theirs), freed when
-        the layer is done, so that only one layer is ever held in float."""
+        """A kernel as an (in, out) float32 matrix, a quantised one dequantised into a buffer
+        of this call's own (so threads can share the model), freed with the layer."""
         if not isinstance(kernel, dict):
             return kernel
         m = dequantize_matrix(kernel["packed"], kernel["scales"], kernel["biases"],
                               kernel["bits"], kernel["group_size"])
-        return m.T if kernel["layout"] == "out_in" else m  # a transposed view: BLAS reads it as is
+        return m.T if kernel["layout"] == "out_in" else m  # BLAS reads the transposed view
 
     def dense(self, x, kernel, bias):
         kernel = self._matrix(kernel)
-        # (B, S, C) as one (B*S, C) GEMM: ~20% faster than B small ones
         y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[1])
         y += bias
         return y
 
     def layer_norm(self, x, scale, bias):
-        c = x.shape[-1]
-        mean = np.einsum("...c->...", x)[..., None]  # ~10% faster than x.mean here
-        mean *= 1.0 / c
+        mean = np.einsum("...c->...", x)[..., None]  # faster than x.mean
+        mean *= 1.0 / x.shape[-1]
         y = x - mean
         var = np.einsum("...c,...c->...", y, y)[..., None]
-        var *= 1.0 / c
+        var *= 1.0 / x.shape[-1]
         var += LN_EPS
         np.sqrt(var, out=var)
         y /= var
@@ -435,10 +364,8 @@ class NumpyOps:
         return y
 
     def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):
-        """A chunk at a time, so that the hidden activations (4x wider than x) stay in cache
-        and are never allocated whole (+6% on B/16 at batch 32). A contiguous x is cut into
-        blocks of rows; T(x) is taken one image at a time, each a transposed matrix that BLAS
-        reads without a copy."""
+        """A chunk of rows at a time, so that the hidden activations (4x wider than x) stay in
+        cache; T(x) an image at a time, a transposed matrix that BLAS reads without a copy."""
         kernel_0 = self._matrix(kernel_0)
         if x.flags.c_contiguous:
             rows = x.reshape(-1, x.shape[-1])
@@ -448,16 +375,15 @@ class NumpyOps:
             chunks = list(x)
         n = max(len(c) for c in chunks)
         hidden, scratch = (np.empty((n, kernel_0.shape[1]), np.float32) for _ in range(2))
-        out = np.empty((sum(len(c) for c in chunks), _kernel_shape(kernel_1)[-1]), np.float32)
+        out = np.empty((sum(map(len, chunks)), kernel_shape(kernel_1)[-1]), np.float32)
         start = 0
         for c in chunks:
             h = hidden[:len(c)]
             np.matmul(c, kernel_0, out=h)
             h += bias_0
             self._gelu_in_place(h, scratch[:len(c)])
-            if isinstance(kernel_1, dict):  # quantised: dequantised once, at first use, and
-                if len(chunks) == 1:  # Dense_0's let go first when no other chunk needs it
-                    kernel_0 = None  # (one kernel in float at a time: -9 MiB peak on B/16)
+            if isinstance(kernel_1, dict):  # dequantised at first use, with one chunk after
+                kernel_0 = None if len(chunks) == 1 else kernel_0  # Dense_0's is let go
                 kernel_1 = self._matrix(kernel_1)
             np.matmul(h, kernel_1, out=out[start:start + len(c)])
             start += len(c)
@@ -466,9 +392,8 @@ class NumpyOps:
 
     @staticmethod
     def _gelu_in_place(x, t):
-        """x <- gelu(x) = x * (0.5 + 0.5 * tanh(GELU_C * (x + 0.044715 x^3))), with t as scratch:
-        8 passes, 25-35% faster than 7 passes through exp and a divide (numpy's float32 tanh is
-        SIMD and exp is slower)."""
+        """x <- x * (0.5 + 0.5 tanh(GELU_C (x + 0.044715 x^3))), t as scratch: numpy's float32
+        tanh is SIMD, so this beats a rewrite through exp."""
         np.multiply(x, x, out=t)
         t *= GELU_C * 0.044715
         t += GELU_C
@@ -482,65 +407,43 @@ class NumpyOps:
         return x.transpose(0, 2, 1)
 
     def token_mean(self, x):
-        return x.mean(axis=1)  # float32 only
+        return x.mean(axis=1)
 
     def device(self) -> str:
         return "cpu"
 
-    def patchify(self, x, p):
-        return _patchify(x, p, lambda a, axes: a.transpose(axes))
-
-    # Data-parallel only from this many token rows per thread (S/32 at batch 4 and up, B/16 at
-    # 2): below it, every thread reading every weight from memory costs what the threads gain.
-    MIN_ROWS_PER_THREAD = 96
-
     def compile(self, fn):
-        """fn, run data-parallel on large batches: the images split across one Python thread per
-        BLAS thread, BLAS single-threaded meanwhile. Alone, numpy runs the element-wise work
-        (GELU, LayerNorm, residuals: ~15% of B/16's time here) on one core while BLAS's threads
-        spin; split, every core runs its share of everything (1.13x on B/16 at batch 32)."""
-        def run(params, x):
-            blas, p = openblas(), _kernel_shape(params["stem/kernel"])[0]
-            rows = x.shape[0] * (x.shape[1] // p) * (x.shape[2] // p)  # token rows in the batch
-            n = _split_count(x.shape[0], rows, blas.threads() if blas else 1,
-                            self.MIN_ROWS_PER_THREAD)
-            if n < 2:
-                return fn(params, x)
-            parts = blas.map_single_threaded(lambda part: fn(params, part), np.array_split(x, n))
-            return np.concatenate(parts)
-        return run
+        return data_parallel(fn, self.MIN_ROWS_PER_THREAD)
 
 
-class MlxOps:
+class MlxOps(_Ops):
+    """MLX: Apple-silicon GPU, NVIDIA GPU (mlx[cuda13]) or CPU; differentiable (train.py).
+    Quantised kernels use mx.quantized_matmul on a GPU; on the CPU, where that is far slower
+    than the float32 GEMM, they are dequantised a layer at a time."""
     name = "mlx"
+    lock = BACKEND_LOCKS["mlx"]
+    quantized_matmul = None  # None: on a GPU only; True forces it (tests)
 
     def __init__(self, dtype: str = "float32"):
         self.mx = import_mlx()
-        self.dtype = _check_dtype(dtype)
-        self._dtype = getattr(self.mx, dtype)
-        self._streams = []  # the main thread's CPU streams for split batches (split_batch)
+        super().__init__(dtype)
+        self._dtype, self.transpose = getattr(self.mx, dtype), self.mx.transpose
+        self._streams = []  # the main thread's CPU streams, for split_batch
         if dtype == "float32":
             self._check_float32()
 
     def asarray(self, a):
-        with BACKEND_LOCKS["mlx"]:
+        with self.lock:
             a = self.mx.array(np.asarray(a, dtype=np.float32))
             return a if self.dtype == "float32" else a.astype(self._dtype)
 
+    def words(self, a):
+        return self.mx.array(a)
+
     def numpy(self, a):
-        with BACKEND_LOCKS["mlx"]:
-            return np.array(a if a.dtype == self.mx.float32 else a.astype(self.mx.float32))
-
-    def quantized(self, w):
-        with BACKEND_LOCKS["mlx"]:
-            return _quantized_kernel(w, self.mx.array(w.packed), self.asarray(w.scales),
-                                     self.asarray(w.biases))
-
-    # Quantised kernels go through mx.quantized_matmul on a GPU (None: when the default device
-    # is not the CPU); on the CPU they are dequantised a layer at a time and multiplied in
-    # float32, because MLX's CPU quantized_matmul runs at ~2 GFLOP/s against ~86 for its
-    # float32 matmul with OpenBLAS (measured on this 2-core machine). True forces it (tests).
-    quantized_matmul = None
+        with self.lock:
+            return np.array(a if a.dtype in (self.mx.float32, self.mx.uint32)
+                            else a.astype(self.mx.float32))
 
     def _quantized_matmul(self) -> bool:
         if self.quantized_matmul is None:
@@ -549,84 +452,62 @@ class MlxOps:
 
     def dense(self, x, kernel, bias):
         if isinstance(kernel, dict):
+            k = kernel
             if self._quantized_matmul():
                 return self.mx.quantized_matmul(
-                    x, kernel["packed"], kernel["scales"], kernel["biases"],
-                    transpose=kernel["layout"] == "out_in", group_size=kernel["group_size"],
-                    bits=kernel["bits"]) + bias
-            m = self.mx.dequantize(kernel["packed"], kernel["scales"], kernel["biases"],
-                                   group_size=kernel["group_size"], bits=kernel["bits"])
-            kernel = m.T if kernel["layout"] == "out_in" else m
+                    x, k["packed"], k["scales"], k["biases"], transpose=k["layout"] == "out_in",
+                    group_size=k["group_size"], bits=k["bits"]) + bias
+            kernel = self.mx.dequantize(k["packed"], k["scales"], k["biases"],
+                                        group_size=k["group_size"], bits=k["bits"])
+            kernel = kernel.T if k["layout"] == "out_in" else kernel
         return self.mx.addmm(bias, x, kernel) if x.ndim == 2 else x @ kernel + bias
 
     def swap(self, x):
         return self.mx.swapaxes(x, 1, 2)
 
-    def token_mean(self, x):
-        # in float32 whatever the compute dtype: a float16 mean over the 49-196 tokens would
-        # accumulate in half on Metal (the LayerNorm's statistics are float32 already)
-        if x.dtype == self.mx.float32:
-            return x.mean(axis=1)
-        return x.astype(self.mx.float32).mean(axis=1).astype(x.dtype)
+    def token_mean(self, x):  # a float16 mean would accumulate in half on Metal
+        return x.mean(axis=1) if x.dtype == self.mx.float32 else \
+            x.astype(self.mx.float32).mean(axis=1).astype(x.dtype)
 
     def layer_norm(self, x, scale, bias):
         return self.mx.fast.layer_norm(x, scale, bias, LN_EPS)
 
-    def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):
-        return self.dense(self._gelu(self.dense(x, kernel_0, bias_0)), kernel_1, bias_1)
-
     @staticmethod
     def _gelu(x):
-        # tanh GELU as x / (1 + exp(-2 GELU_C u)), the same function: 1.55x faster than through
-        # tanh on MLX's CPU backend, whose transcendentals are scalar (tanh 0.06 G/s, exp 0.10).
-        # The exponent is capped at 80 so that exp stays finite: an inf would make the
-        # gradient inf * 0 = nan.
+        # the tanh GELU as x / (1 + exp(-2 GELU_C u)): MLX's CPU transcendentals are scalar and
+        # exp is the faster one. Capped at 80 so that exp stays finite (inf * 0 = nan gradients).
         import mlx.core as mx
         z = (-2.0 * GELU_C) * (x + 0.044715 * (x * x * x))
         return x / (1.0 + mx.exp(mx.minimum(z, 80.0)))
 
-    def patchify(self, x, p):
-        return _patchify(x, p, self.mx.transpose)
-
     def device(self) -> str:
-        """"cpu", or "gpu (Metal)" / "gpu (CUDA)": the device MLX computes on."""
-        mx = self.mx
-        if mx.default_device() == mx.cpu:
+        """"cpu", "gpu (CUDA)" or "gpu (Metal)": where MLX computes."""
+        if self.mx.default_device() == self.mx.cpu:
             return "cpu"
-        return "gpu (CUDA)" if mx.cuda.is_available() else "gpu (Metal)"
+        return "gpu (CUDA)" if self.mx.cuda.is_available() else "gpu (Metal)"
 
     def _check_float32(self) -> None:
-        """Float32 must be float32 (the parity promise): refuses a process in which MLX
-        already computes float32 matmuls in TF32 and the user did not ask for it, as when MLX
-        read MLX_ENABLE_TF32 at a GEMM that ran before mixer could set it (import_mlx)."""
-        if os.environ.get("MLX_ENABLE_TF32", "0").strip() not in ("", "0"):
-            return  # the user's opt-in
-        if not _mlx_float32_exact(str(self.mx.default_device())):
+        """Float32 must be float32: refuses a process in which MLX already computes float32
+        GEMMs in TF32 (it read MLX_ENABLE_TF32 before import_mlx could set it) unless the user
+        opted in."""
+        if os.environ.get("MLX_ENABLE_TF32", "0").strip() in ("", "0") \
+                and not _mlx_float32_exact(str(self.mx.default_device())):
             raise MixerError("MLX computes float32 matmuls in TF32 in this process (~1e-3 "
                              "error), because MLX read MLX_ENABLE_TF32 before mixer could set "
                              "it to 0: start Python with MLX_ENABLE_TF32=0 for exact float32, "
                              "or with MLX_ENABLE_TF32=1 to accept TF32")
 
     def compile(self, fn):
-        """mx.compile(fn), its batches split across CPU streams where split_batch does so.
-
-        Only the main thread runs the compiled function: MLX 0.32 aborts the process at exit
-        ("terminate called without an active exception", 5-11 runs in 12 here) once a compiled
-        function has run in another thread. Other threads run fn's graph uncompiled: the same
-        arithmetic, without the fused element-wise kernels.
-
-        The first call runs uncompiled too: compiling does not pay for a one-shot run (the CLI
-        on one image). Measured here (MLX CPU, fresh processes, median of 5, 2 busy cores): a
-        first one-image call took 135 ms compiled vs 130 uncompiled for S/32, 908 vs 909 ms for
-        B/16. On a GPU MLX also generates and builds the fused kernels' source at the first
-        compiled call (not measured: no GPU here)."""
-        compiled = self.mx.compile(fn)
-        calls = itertools.count()
+        """mx.compile(fn), its batches split across CPU streams (split_batch). The first call
+        runs uncompiled (compiling does not pay for a one-shot run), and so do calls from other
+        threads than the main one: MLX 0.32 can abort the process at exit once a compiled
+        function has run in another thread."""
+        compiled, calls = self.mx.compile(fn), itertools.count()
 
         def run(params, x):
-            f = compiled if threading.current_thread() is threading.main_thread() else fn
-            with BACKEND_LOCKS["mlx"]:
-                f = fn if next(calls) == 0 else f
+            main = threading.current_thread() is threading.main_thread()
+            with self.lock:
+                f = compiled if main and next(calls) > 0 else fn
                 parts = self.split_batch(x.shape[0], lambda lo, hi: f(params, x[lo:hi]))
                 out = f(params, x) if parts is None else self.mx.concatenate(parts)
                 self.mx.eval(out)
@@ -634,42 +515,40 @@ class MlxOps:
         return run
 
     def split_batch(self, batch: int, fn):
-        """[fn(lo, hi) for each part of the batch], each part's graph built on its own CPU
-        stream and evaluated with OpenBLAS single-threaded; None (run it whole) on a GPU, or
-        where there is no OpenBLAS to set (not Linux), one thread, or too few images; and in
-        threads other than the main one: an MLX stream belongs to the thread that made it and
-        owns an OS thread that MLX never frees, so a server's threads would each leak some.
-
-        MLX runs a CPU stream's element-wise kernels on that stream's one thread, so one
-        stream leaves the other cores idle outside GEMMs; one stream per OpenBLAS thread
-        measured 1.47x on S/32 inference at batch 2, 1.6x at 32, 1.4x on B/16, and 1.5x on
-        S/32 training steps at batch 32."""
-        mx = self.mx
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        blas = mlx_openblas() if mx.default_device() == mx.cpu else None
-        n = _split_count(batch, batch, blas.threads() if blas else 1, 1)
-        if n < 2:
-            return None
-        streams = self._streams
-        while len(streams) < n:
-            streams.append(mx.new_stream(mx.cpu))
-        bounds = [batch * i // n for i in range(n + 1)]
-        with blas.single_threaded():
-            parts = []
-            for stream, lo, hi in zip(streams, bounds, bounds[1:]):
-                with mx.stream(stream):
-                    parts.append(fn(lo, hi))
-            mx.eval(parts)  # here, so that the GEMMs run while OpenBLAS is single-threaded
-        return parts
+        """[fn(lo, hi) for each part of the batch], on CPU streams of their own, or None: run it
+        whole (see split_on_streams)."""
+        return split_on_streams(self, batch, fn)
 
 
-class TinygradOps:
+# 1 + 2**-12 needs 13 mantissa bits: TF32 (10) rounds it to 1, float32 (23) keeps it, so a
+# (256, 256) GEMM of it with ones is 256 + 2**-4 in float32 and 256 in TF32; as large as the
+# model's own GEMMs, so that it takes their path.
+TF32_PROBE = np.full((256, 256), 1.0 + 2.0 ** -12, np.float32), np.ones((256, 256), np.float32)
+
+
+def float32_matmul_exact(product: np.ndarray) -> bool:
+    """Whether `product`, a matmul of TF32_PROBE's two matrices, was computed in float32."""
+    return bool(np.all(product == np.float32(256.0 + 2.0 ** -4)))
+
+
+@functools.cache
+def _mlx_float32_exact(device: str) -> bool:
+    """Whether MLX computes float32 matmuls exactly on its default device, `device`; once."""
+    import mlx.core as mx
+    with BACKEND_LOCKS["mlx"]:
+        a, b = TF32_PROBE
+        return float32_matmul_exact(np.array(mx.array(a) @ mx.array(b)))
+
+
+class TinygradOps(_Ops):
+    """tinygrad on the device DEV selects (CUDA, NV, AMD, METAL, CL, CPU); differentiable."""
     name = "tinygrad"
+    lock = BACKEND_LOCKS["tinygrad"]
+    transpose = staticmethod(lambda a, axes: a.permute(axes))
 
     def __init__(self, dtype: str = "float32"):
         self.tg = import_tinygrad()
-        self.dtype = _check_dtype(dtype)
+        super().__init__(dtype)
         self._dtype = getattr(self.tg.dtypes, dtype)
         self._open_device()
         if dtype != "float32" and not self._device_computes(self._dtype):
@@ -677,21 +556,18 @@ class TinygradOps:
                              f"{dtype} here: use another dtype (float32 always works) or device")
 
     def _open_device(self):
-        """Opens tinygrad's default device (DEV, or its own choice) once, so that a device that
-        cannot work here (DEV=CUDA without a GPU, a misspelt DEV) is one clear error. tinygrad
-        writes the device it chose into os.environ["DEV"] (for its child processes); that is
-        undone, so that the process environment is as the user left it."""
+        """Opens the default device once, so that one that cannot work here is one clear error;
+        DEV, which tinygrad sets to the device it chose, is left as the user set it."""
         before = os.environ.get("DEV")
         try:
-            with BACKEND_LOCKS["tinygrad"]:
-                device = self.tg.Device.DEFAULT
-                self.tg.Device[device]
+            with self.lock:
+                self.tg.Device[self.tg.Device.DEFAULT]
         except Exception as e:  # noqa: BLE001 -- each runtime fails its own way
             wanted = f"DEV={before}" if before else "its default device"
-            raise MixerError(f"tinygrad cannot open {wanted} here ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); set DEV to a "
-                             f"device this machine has (CPU, CL, CUDA, METAL, ...) or use "
-                             f"another backend") from None
+            first = (str(e).splitlines() or [""])[0]
+            raise MixerError(f"tinygrad cannot open {wanted} here ({type(e).__name__}: {first}); "
+                             f"set DEV to a device this machine has (CPU, CL, CUDA, METAL, ...) or "
+                             f"use another backend") from None
         finally:
             if before is None:
                 os.environ.pop("DEV", None)
@@ -699,45 +575,39 @@ class TinygradOps:
                 os.environ["DEV"] = before
 
     def _device_computes(self, dtype) -> bool:
-        """Whether the default device declares `dtype` and compiles a kernel with it: tinygrad
-        declares bfloat16 on CPU, but clang before 17 has no x86 __bf16; PoCL's CL declares no
-        float16 (its half path ran 10x less accurately than the CPU's when forced)."""
+        """Whether the default device declares `dtype` and compiles a kernel with it (tinygrad
+        declares bfloat16 on CPU, but clang before 17 has no x86 __bf16)."""
         device = self.tg.Device[self.tg.Device.DEFAULT]
-        supported = getattr(getattr(device, "renderer", None), "supported_dtypes", None)
+        renderer, compiler = getattr(device, "renderer", None), getattr(device, "compiler", None)
+        supported = getattr(renderer, "supported_dtypes", None)
         if supported is not None and dtype not in supported():
             return False
-        compiler = getattr(device, "compiler", None)
-        render = getattr(getattr(device, "renderer", None), "render_dtype", None)
-        if type(compiler).__name__ == "ClangCompiler" and render is not None \
+        if type(compiler).__name__ == "ClangCompiler" and hasattr(renderer, "render_dtype") \
                 and not _clang_compiles(os.environ.get("CC", "clang"),
                                         getattr(compiler, "arch", None),
-                                        tuple(getattr(compiler, "args", [])), render(dtype)):
+                                        tuple(getattr(compiler, "args", [])),
+                                        renderer.render_dtype(dtype)):
             return False
         try:
-            stored = self.tg.Tensor([1.5, -2.0]).cast(dtype).realize()  # a kernel that writes it
-            return stored.float().tolist() == [1.5, -2.0]
-        except Exception:  # the device's compiler rejects the kernel
+            return self.tg.Tensor([1.5, -2.0]).cast(dtype).realize().float().tolist() == [1.5, -2.0]
+        except Exception:  # noqa: BLE001 -- the device's compiler rejects the kernel
             return False
 
     def asarray(self, a):
-        # np.array copies: tinygrad's OpenCL upload needs a writable buffer, and loaded
-        # weights are read-only
-        with BACKEND_LOCKS["tinygrad"]:
+        with self.lock:  # a copy: tinygrad's OpenCL upload needs a writable buffer
             t = self.tg.Tensor(np.array(a, dtype=np.float32, order="C"))
             return (t if self.dtype == "float32" else t.cast(self._dtype)).realize()
 
-    def numpy(self, a):
-        with BACKEND_LOCKS["tinygrad"]:
-            return a.float().numpy()
+    def words(self, a):
+        return self.tg.Tensor(np.array(a)).realize()
 
-    def quantized(self, w):
-        with BACKEND_LOCKS["tinygrad"]:
-            return _quantized_kernel(w, self.tg.Tensor(np.array(w.packed)).realize(),
-                                     self.asarray(w.scales), self.asarray(w.biases))
+    def numpy(self, a):
+        with self.lock:
+            return (a if a.dtype == self.tg.dtypes.uint32 else a.float()).numpy()
 
     def _matrix(self, kernel):
-        """A kernel as an (in, out) matrix; a quantised one dequantised by tensor ops that feed
-        the matmul (the packed words read as bytes, little-endian: the elements in order)."""
+        """A kernel as an (in, out) matrix, a quantised one dequantised by the ops that feed the
+        matmul (the packed words read as little-endian bytes: the elements in order)."""
         if not isinstance(kernel, dict):
             return kernel
         q = kernel["packed"].bitcast(self.tg.dtypes.uint8)
@@ -755,30 +625,23 @@ class TinygradOps:
         return x.transpose(1, 2)
 
     def token_mean(self, x):
-        # in float32 whatever the compute dtype, as MlxOps.token_mean
-        return x.mean(axis=1) if x.dtype == self.tg.dtypes.float32 \
-            else x.float().mean(axis=1).cast(x.dtype)
+        return x.float().mean(axis=1).cast(x.dtype)  # no-op casts in float32
+
+    def layer_norm(self, x, scale, bias):
+        return x.float().layernorm(axis=-1, eps=LN_EPS).cast(x.dtype) * scale + bias
+
+    @staticmethod
+    def _gelu(x):
+        return gelu_tanh(x, lambda t: t.tanh())
 
     def device(self) -> str:
         return self.tg.Device.DEFAULT
 
-    def layer_norm(self, x, scale, bias):
-        # statistics in float32 whatever the compute dtype (a no-op cast in float32)
-        return x.float().layernorm(axis=-1, eps=LN_EPS).cast(x.dtype) * scale + bias
-
-    def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):  # dense dequantises
-        h = gelu_tanh(self.dense(x, kernel_0, bias_0), lambda t: t.tanh())
-        return self.dense(h, kernel_1, bias_1)
-
-    def patchify(self, x, p):
-        return _patchify(x, p, lambda a, axes: a.permute(axes))
-
     def compile(self, fn):
-        # TinyJit replays the captured kernels; it needs fixed input shapes, so one JIT per shape.
-        jits = {}
+        jits = {}  # TinyJit replays captured kernels: one per input shape
 
         def run(params, x):
-            with BACKEND_LOCKS["tinygrad"]:
+            with self.lock:
                 if x.shape not in jits:
                     jits[x.shape] = self.tg.TinyJit(lambda p, t: fn(p, t).realize())
                 return jits[x.shape](params, x.realize())
@@ -787,9 +650,8 @@ class TinygradOps:
 
 @functools.cache
 def _clang_compiles(cc: str, arch: str | None, args: tuple, ctype: str) -> bool:
-    """Whether the clang that tinygrad's CPU device runs accepts pointers to and bit casts into
-    the C type `ctype` (as tinygrad's kernels use them), asked directly with clang's messages
-    captured (through tinygrad, a refusal prints 8-10 lines of clang errors); once per process."""
+    """Whether tinygrad's clang takes pointers to and bit casts into `ctype`, asked directly
+    so that a refusal is not 8-10 lines of clang errors through tinygrad; once per process."""
     import subprocess
     target = [f"--target={arch}-none-unknown-elf"] if arch else []
     try:
@@ -802,26 +664,15 @@ def _clang_compiles(cc: str, arch: str | None, args: tuple, ctype: str) -> bool:
     return done.returncode == 0
 
 
-def _patchify(x, p, transpose):
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c)
-    x = transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, w, row-in-patch, col-in-patch, rgb)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
 BACKENDS = {"mlx": MlxOps, "tinygrad": TinygradOps, "numpy": NumpyOps}
 
 
 def import_mlx():
-    """mlx.core, imported as mixer runs it (OpenBLAS preloaded on Linux, TF32 off unless the
-    user set MLX_ENABLE_TF32), or a MixerError that says how to install it."""
+    """mlx.core with OpenBLAS preloaded (Linux) and TF32 off, or a MixerError saying how to
+    install it. MLX computes float32 GEMMs in TF32 on CUDA and M5 GPUs unless MLX_ENABLE_TF32=0,
+    read once at the first such GEMM and with no API: so it is set unless the user set it."""
     if "mlx.core" not in sys.modules and platform.system() == "Linux":
         _preload_openblas()
-    # MLX computes float32 matmuls in TF32 on CUDA and M5-generation Apple GPUs unless
-    # MLX_ENABLE_TF32=0; it reads the variable once per process, at its first float32 GEMM on
-    # such a GPU (mlx/utils.h, env::enable_tf32: a function-local static), and has no API for
-    # it. So it must stay set until that GEMM, whenever it comes: a user's own value is kept
-    # (MLX_ENABLE_TF32=1 opts into TF32), and MlxOps checks what MLX actually does.
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     try:
         import mlx.core as mx
@@ -829,25 +680,6 @@ def import_mlx():
         raise MixerError(f"the mlx backend needs MLX: pip install mlx  (or \"mlx[cpu]\" on "
                          f"Linux, \"mlx[cuda13]\" for NVIDIA GPUs) ({e})") from None
     return mx
-
-
-def _preload_openblas():
-    """MLX's Linux CPU wheel bundles a reference BLAS, ~40x slower than OpenBLAS for float32
-    GEMM. Loading the system's OpenBLAS into the global namespace first makes MLX's sgemm calls
-    resolve to it. MIXER_NO_OPENBLAS=1 turns this off."""
-    if os.environ.get("MIXER_NO_OPENBLAS"):
-        return
-    import ctypes
-    import ctypes.util
-    candidates = [ctypes.util.find_library("openblas"), "libopenblas.so.0",
-                  "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-                  "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
-    for path in filter(None, candidates):
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            return
-        except OSError:
-            continue
 
 
 def import_tinygrad():
@@ -860,52 +692,19 @@ def import_tinygrad():
     return tinygrad
 
 
-# 1 + 2**-12 needs 13 mantissa bits: TF32 (10 bits) rounds it to 1, float32 (23) keeps it. A
-# (256, 256) GEMM of it with ones is 256 + 2**-4 exactly in float32 (every partial sum is
-# representable), exactly 256 in TF32. A GEMM as large as the model's own, so that it takes
-# their path (M5 GPUs keep GEMVs in float32; CUDA may run tiny GEMMs in its own kernels).
-TF32_PROBE = np.full((256, 256), 1.0 + 2.0 ** -12, np.float32), np.ones((256, 256), np.float32)
-
-
-def float32_matmul_exact(product: np.ndarray) -> bool:
-    """Whether `product`, a matmul of TF32_PROBE's two matrices, was computed in float32."""
-    return bool(np.all(product == np.float32(256.0 + 2.0 ** -4)))
-
-
-@functools.cache
-def _mlx_float32_exact(device: str) -> bool:
-    """Whether MLX computes float32 matmuls exactly on its default device (`device` names it,
-    for the cache). Runs once per device and process; the caller holds no MLX lock."""
-    import mlx.core as mx
-    with BACKEND_LOCKS["mlx"]:
-        a, b = TF32_PROBE
-        return float32_matmul_exact(np.array(mx.array(a) @ mx.array(b)))
-
-
 def default_backend() -> str:
-    """The backend that `backend=None` picks.
-
-    MIXER_BACKEND overrides. Otherwise: MLX with a GPU (Apple silicon's, or NVIDIA's with
-    mlx[cuda13]); tinygrad when DEV names an accelerator (CUDA, NV, AMD, METAL, CL, ...); else
-    numpy, which on CPUs is the fastest of the three (its wheel ships an optimised
-    multi-threaded BLAS; see bench.py).
-    """
+    """The backend that `backend=None` picks: MIXER_BACKEND; else MLX with a GPU, tinygrad when
+    DEV names an accelerator, else numpy (on CPUs the fastest of the three)."""
     choice = os.environ.get("MIXER_BACKEND")
-    if choice:
-        if choice not in BACKENDS:
-            raise MixerError(f"MIXER_BACKEND={choice!r}: expected one of {sorted(BACKENDS)}")
-        return choice
-    if mlx_has_gpu():
-        return "mlx"
-    if tinygrad_accelerator():
-        return "tinygrad"
-    return "numpy"
+    if choice and choice not in BACKENDS:
+        raise MixerError(f"MIXER_BACKEND={choice!r}: expected one of {sorted(BACKENDS)}")
+    return choice or ("mlx" if mlx_has_gpu() else "tinygrad" if tinygrad_accelerator()
+                      else "numpy")
 
 
 def mlx_has_gpu() -> bool:
-    """Whether MLX is installed with a GPU to run on: Apple silicon (Metal), or a CUDA wheel
-    (mlx[cuda12], mlx[cuda13]) on a machine where CUDA works. MLX is imported only in the CUDA
-    case, so that choosing numpy on a plain CPU machine stays as quick as before."""
+    """Whether MLX is installed with a GPU: Apple silicon, or a CUDA wheel where CUDA works
+    (MLX is imported in that case only, so that choosing numpy stays quick)."""
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return installed("mlx")
     if not any(_distribution(d) for d in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")):
@@ -917,29 +716,22 @@ def mlx_has_gpu() -> bool:
 
 
 def tinygrad_accelerator() -> bool:
-    """Whether the user's DEV names an accelerator for tinygrad (CUDA, NV, AMD, METAL, CL, ...)
-    and tinygrad is installed."""
-    dev = _user_dev().split(":")[0].upper()
+    """Whether the user's DEV names an accelerator (CUDA, NV, AMD, METAL, CL, ...) and tinygrad
+    is installed. A DEV that tinygrad wrote itself (the device it picked) is not the user's."""
+    dev = os.environ.get("DEV", "")
+    device = getattr(sys.modules.get("tinygrad"), "Device", None)
+    if device is not None and dev == vars(device).get("_select_device"):
+        return False
+    dev = dev.split(":")[0].upper()
     return bool(dev) and dev not in ("CPU", "CLANG", "LLVM", "PYTHON") and installed("tinygrad")
 
 
 def _distribution(name: str) -> bool:
     import importlib.metadata
     try:
-        importlib.metadata.distribution(name)
-        return True
+        return bool(importlib.metadata.distribution(name))
     except importlib.metadata.PackageNotFoundError:
         return False
-
-
-def _user_dev() -> str:
-    """DEV as the user set it. tinygrad writes the device it picked by itself into
-    os.environ["DEV"] (tinygrad 0.14, `Device._select_device`): that value is not a user's
-    choice, and reading it would make backend=None pick tinygrad after any tinygrad use."""
-    dev = os.environ.get("DEV", "")
-    device = getattr(sys.modules.get("tinygrad"), "Device", None)
-    chosen = vars(device).get("_select_device") if device is not None else None
-    return "" if dev and dev == chosen else dev
 
 
 def installed(module: str) -> bool:
@@ -948,78 +740,171 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-# float16 and bfloat16 halve the weights' memory and, on GPUs, roughly double matmul speed;
-# LayerNorm statistics stay float32 (MLX's fast.layer_norm accumulates in float32 too).
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _check_dtype(dtype: str) -> str:
-    if dtype not in COMPUTE_DTYPES:
-        raise MixerError(f"unknown dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
-    return dtype
-
-
 def get_ops(backend: str | None, dtype: str = "float32"):
+    """The shim of `backend` (None: default_backend()) computing in `dtype`."""
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise MixerError(f"unknown backend {backend!r}: expected one of {sorted(BACKENDS)}")
-    return BACKENDS[backend](dtype)  # each backend checks the dtype
+    return BACKENDS[backend](dtype)
 
 
 # --------------------------------------------------------------------------------------------
-# The model, written once. `params` maps the official names to backend arrays.
+# Speed: data-parallel CPU forwards. numpy runs its element-wise work on one core while BLAS's
+# threads wait, and MLX runs a CPU stream's element-wise kernels on that stream's one thread;
+# so a large batch is split, one part per OpenBLAS thread, with OpenBLAS single-threaded
+# meanwhile (figures in README, "Speed"). The one switch: DATA_PARALLEL = False (or
+# MIXER_DATA_PARALLEL=0) and mixer never changes OpenBLAS's thread count, for programs that
+# manage BLAS threads themselves. The count is restored after each forward either way.
+
+DATA_PARALLEL = os.environ.get("MIXER_DATA_PARALLEL", "1") != "0"
 
 
-def mlp(ops, params, prefix, x):
-    """MlpBlock: Dense_1(gelu(Dense_0(x))) over the last axis."""
-    p = lambda name: params[prefix + name]  # noqa: E731
-    return ops.mlp(x, p("Dense_0/kernel"), p("Dense_0/bias"), p("Dense_1/kernel"), p("Dense_1/bias"))
+class OpenBLAS:
+    """An OpenBLAS reached through ctypes, to read and set its thread count: numpy's bundled
+    one (openblas()) or the one MLX calls on Linux (mlx_openblas()). Not numpy or MLX API:
+    both are None wherever it does not apply, and forwards then run serially."""
+    _lock = threading.Lock()  # one thread-count change at a time: it is process-wide
+
+    def __init__(self, lib, symbol: str):
+        """lib: a ctypes.CDLL; symbol: its names' pattern, e.g. "scipy_openblas_{}64_"."""
+        import ctypes
+        self.lib, self.symbol = lib, symbol
+        self._get, self._set = (getattr(lib, symbol.format(f)) for f in ("get_num_threads",
+                                                                          "set_num_threads"))
+        self._get.restype, self._get.argtypes = ctypes.c_int, []
+        self._set.restype, self._set.argtypes = None, [ctypes.c_int]
+
+    @classmethod
+    def from_library(cls, lib, prefixes: tuple = ("openblas",)) -> OpenBLAS | None:
+        """The OpenBLAS in lib under one of the symbol prefixes, else None."""
+        for symbol in (f"{p}_{{}}{s}" for p in prefixes for s in ("64_", "")):
+            if all(hasattr(lib, symbol.format(f)) for f in ("get_num_threads", "set_num_threads")):
+                return cls(lib, symbol)
+        return None
+
+    def threads(self) -> int:
+        return self._get()
+
+    @contextlib.contextmanager
+    def single_threaded(self):
+        """OpenBLAS on one thread inside; restored after, unless someone else changed it."""
+        with self._lock:
+            threads = self._get()
+            self._set(1)
+            try:
+                yield
+            finally:
+                if self._get() == 1:
+                    self._set(threads)
+
+    def map_single_threaded(self, fn, items: list) -> list:
+        """fn over items, one Python thread each, OpenBLAS single-threaded meanwhile (numpy
+        releases the GIL in GEMMs and element-wise loops, so every core does both)."""
+        from concurrent.futures import ThreadPoolExecutor
+        with self.single_threaded(), ThreadPoolExecutor(len(items)) as pool:
+            return list(pool.map(fn, items))
 
 
-def mixer_block(ops, params, prefix, x):
-    """x: (B, S, C). Token mixing acts across the S tokens (shared over channels), then channel
-    mixing across the C channels (shared over tokens); both pre-norm with a residual."""
-    ln = lambda name, y: ops.layer_norm(y, params[prefix + name + "/scale"],  # noqa: E731
-                                        params[prefix + name + "/bias"])
-    y = ops.swap(ln("LayerNorm_0", x))  # (B, C, S)
-    x = x + ops.swap(mlp(ops, params, prefix + "token_mixing/", y))  # (B, S, C)
-    return x + mlp(ops, params, prefix + "channel_mixing/", ln("LayerNorm_1", x))
+@functools.cache
+def openblas() -> OpenBLAS | None:
+    """numpy's bundled OpenBLAS (the library numpy loaded), looked up once."""
+    import ctypes
+    import glob
+    root = os.path.dirname(np.__file__)
+    for path in sorted(glob.glob(os.path.join(root, os.pardir, "numpy.libs", "*openblas*"))
+                       + glob.glob(os.path.join(root, ".dylibs", "*openblas*"))):
+        with contextlib.suppress(OSError):
+            blas = OpenBLAS.from_library(ctypes.CDLL(path), ("scipy_openblas", "openblas"))
+            if blas:
+                return blas
+    return None
 
 
-def _kernel_shape(kernel) -> tuple:
-    """A kernel's official shape, a quantised one's (a dict, see the shim's `quantized`) too."""
-    return kernel["shape"] if isinstance(kernel, dict) else kernel.shape
+@functools.cache
+def mlx_openblas() -> OpenBLAS | None:
+    """The OpenBLAS that MLX's GEMMs call on Linux (see _preload_openblas), once; else None."""
+    import ctypes
+    if platform.system() != "Linux":
+        return None
+    import_mlx()  # preloads it, unless MLX was imported first
+    try:
+        return OpenBLAS.from_library(ctypes.CDLL(None))
+    except OSError:
+        return None
 
 
-def _quantized_kernel(w, packed, scales, biases) -> dict:
-    """A backend's quantised kernel: its arrays, and as constants (which mx.compile and TinyJit
-    take as they are) what describes them."""
-    return {"packed": packed, "scales": scales, "biases": biases, "bits": w.bits,
-            "group_size": w.group_size, "layout": w.layout, "shape": w.shape}
+def _preload_openblas():
+    """MLX's Linux CPU wheel bundles a reference BLAS far slower than OpenBLAS: the system's
+    OpenBLAS, loaded into the global namespace first, takes its sgemm calls. MIXER_NO_OPENBLAS=1
+    turns this off."""
+    if os.environ.get("MIXER_NO_OPENBLAS"):
+        return
+    import ctypes
+    import ctypes.util
+    for path in filter(None, [ctypes.util.find_library("openblas"), "libopenblas.so.0",
+                              "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+                              "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError:
+            continue
 
 
-def forward(ops, params, x, num_blocks: int, head: bool = True):
-    """x: (B, H, W, 3) in [-1, 1] -> logits (B, num_classes), or pre-logits (B, C) if not head."""
-    kernel = params["stem/kernel"]
-    p = _kernel_shape(kernel)[0]
-    # stem: a P x P conv with stride P == patchify + Dense with the HWIO kernel flattened (a
-    # quantised kernel is stored as that matrix already).
-    if not isinstance(kernel, dict):
-        kernel = kernel.reshape(p * p * 3, kernel.shape[3])
-    x = ops.dense(ops.patchify(x, p), kernel, params["stem/bias"])  # (B, S, C)
-    for i in range(num_blocks):
-        x = mixer_block(ops, params, f"MixerBlock_{i}/", x)
-    x = ops.layer_norm(x, params["pre_head_layer_norm/scale"], params["pre_head_layer_norm/bias"])
-    x = ops.token_mean(x)  # (B, C) pre-logits
-    if head:
-        x = ops.dense(x, params["head/kernel"], params["head/bias"])
-    return x
+def _split_count(batch: int, rows: int, threads: int, min_rows: int) -> int:
+    """Into how many parts to split a batch of `rows` token rows: 1 (serial) below `min_rows`
+    rows per thread, when the parts would be unequal (3 images on 2 threads is slower), or
+    when DATA_PARALLEL is off."""
+    if not DATA_PARALLEL:
+        return 1
+    n = min(batch, rows // min_rows, threads)
+    return n if n >= 2 and batch / (n * -(-batch // n)) >= 0.9 else 1
+
+
+def data_parallel(fn, min_rows: int):
+    """numpy's compiled fn(params, x): large batches split across one Python thread per BLAS
+    thread, from `min_rows` token rows per thread (below it, every thread reading every weight
+    costs what the threads gain)."""
+    def run(params, x):
+        blas, p = openblas(), kernel_shape(params["stem/kernel"])[0]
+        rows = x.shape[0] * (x.shape[1] // p) * (x.shape[2] // p)
+        n = _split_count(x.shape[0], rows, blas.threads() if blas else 1, min_rows)
+        if n < 2:
+            return fn(params, x)
+        return np.concatenate(blas.map_single_threaded(lambda part: fn(params, part),
+                                                       np.array_split(x, n)))
+    return run
+
+
+def split_on_streams(ops: MlxOps, batch: int, fn):
+    """[fn(lo, hi) for each part of the batch], each part's graph on a CPU stream of its own,
+    evaluated with OpenBLAS single-threaded; None (run it whole) on a GPU, without an OpenBLAS
+    to set, for too few images, and off the main thread (an MLX stream belongs to its thread
+    and owns an OS thread that MLX never frees)."""
+    mx = ops.mx
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    blas = mlx_openblas() if mx.default_device() == mx.cpu else None
+    n = _split_count(batch, batch, blas.threads() if blas else 1, 1)
+    if n < 2:
+        return None
+    while len(ops._streams) < n:
+        ops._streams.append(mx.new_stream(mx.cpu))
+    bounds = [batch * i // n for i in range(n + 1)]
+    with blas.single_threaded():
+        parts = []
+        for stream, lo, hi in zip(ops._streams, bounds, bounds[1:]):
+            with mx.stream(stream):
+                parts.append(fn(lo, hi))
+        mx.eval(parts)  # here, so that the GEMMs run while OpenBLAS is single-threaded
+    return parts
 
 
 # --------------------------------------------------------------------------------------------
-# Weights: safetensors, read and written here so that this file needs numpy only.
-# Layout: 8-byte little-endian header length, a JSON header, then the raw little-endian data.
+# Weights: safetensors (an 8-byte little-endian header length, a JSON header, the raw
+# little-endian data), read and written here with numpy alone.
 
+FORMAT_VERSION = "1"  # bump when the metadata layout changes
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
            "U32": np.dtype("<u4")}  # U32: only a quantised file's packed kernels
 _MAX_HEADER = 100 * 2**20
@@ -1027,10 +912,9 @@ _MAX_DIMS = 8  # a Mixer tensor has at most 4; the cap keeps hostile shapes away
 
 
 def open_regular(path, name: str | None = None, what: str = "a weights file"):
-    """Opens `path` for binary reading if it is a regular file, else a MixerError naming it as
-    `name` and saying it is not `what`: a FIFO would block the open (or the read) forever, a
-    device such as /dev/zero never ends. The open is non-blocking (it means nothing for regular
-    files) and the check is made on what was opened, so there is no window between the two."""
+    """`path` opened for binary reading if it is a regular file, else a MixerError naming it
+    `name` and saying it is not `what` (a FIFO would block forever, /dev/zero never ends). The
+    open does not block, and the check is on what was opened: no window between the two."""
     path = os.fspath(path)
     name = name or path
     try:
@@ -1047,14 +931,13 @@ def open_regular(path, name: str | None = None, what: str = "a weights file"):
         kind = "is a directory" if stat.S_ISDIR(mode) else \
             "is not a regular file (a pipe or a device)"
         raise MixerError(f"{name}: {kind}, not {what}")
-    if getattr(os, "O_NONBLOCK", 0):  # back to blocking reads (Windows opened it blocking)
+    if getattr(os, "O_NONBLOCK", 0):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 
 def _unique_keys(pairs):
-    """json object_pairs_hook: a name given twice is an error (JSON parsers disagree on which
-    one wins, and the safetensors format forbids it)."""
+    """json object_pairs_hook: a name given twice is an error (the format forbids it)."""
     d = {}
     for k, v in pairs:
         if k in d:
@@ -1078,18 +961,10 @@ class _OpenFile:
 
 class SafetensorsFile(_OpenFile):
     """An open safetensors file whose header has been checked in full; tensors are read on
-    demand (`read(name)`, or iterate `items()`) into memory of their own.
-
-    Nothing is memory-mapped: a model never depends on its file after loading (truncating or
-    replacing the file later cannot crash it or change its outputs), and a load that copies
-    tensors onto MLX or tinygrad holds one tensor at a time on the host. If the file changes
-    while it is being read, reading fails with a MixerError instead of mixing two files.
-
-    Checked before anything is read: the header is a JSON object of at most 100 MiB with no
-    name given twice; every entry has a known dtype, a shape of at most 8 non-negative
-    dimensions and data offsets that fit it; the tensors tile the data area exactly, without
-    overlaps or gaps (as the format requires).
-    """
+    demand (read(name), items()) into memory of their own, never memory-mapped: a model never
+    depends on its file after loading, and a file that changes while it is read is an error.
+    Checked first: a JSON object of at most 100 MiB, no name twice; each entry a known dtype,
+    at most 8 non-negative dimensions, offsets that fit; the tensors tile the data exactly."""
 
     def __init__(self, path, name: str | None = None):
         self.path = os.fspath(path)
@@ -1105,32 +980,30 @@ class SafetensorsFile(_OpenFile):
         f, name = self._file, self.name
         self._stat = os.fstat(f.fileno())
         size = self._stat.st_size
+        bad = f"{name}: not a safetensors file"
         try:
             n = int.from_bytes(f.read(8), "little")
             if size < 8 or n > min(size - 8, _MAX_HEADER):
-                raise MixerError(f"{name}: not a safetensors file (bad header length)"
-                                 + _npz_hint(f, name))
+                raise MixerError(f"{bad} (bad header length)" + _npz_hint(f, name))
             header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise MixerError(f"{name}: not a safetensors file (header is not JSON)") from None
+            raise MixerError(f"{bad} (header is not JSON)") from None
         except RecursionError:
-            raise MixerError(f"{name}: not a safetensors file (header nested too deeply)") from None
+            raise MixerError(f"{bad} (header nested too deeply)") from None
         except ValueError as e:  # _unique_keys
             raise MixerError(f"{name}: corrupt safetensors header ({e})") from None
         except OSError as e:
             raise MixerError(f"cannot read weights {name}: {e.strerror or e}") from None
         if not isinstance(header, dict):
-            raise MixerError(f"{name}: not a safetensors file (header is not a JSON object)")
+            raise MixerError(f"{bad} (header is not a JSON object)")
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise MixerError(f"{name}: not a safetensors file (__metadata__ must map str to str)")
-        self.metadata, self._start, self._entries = metadata, 8 + n, {}
+            raise MixerError(f"{bad} (__metadata__ must map str to str)")
+        self.metadata, self._start = metadata, 8 + n
         self.quantization = _quantization_metadata(metadata, name)
         self._packed = _packed_names(self.quantization)
-        data_size = size - 8 - n
-        for key, info in header.items():
-            self._entries[key] = self._check_entry(key, info, data_size)
-        position = 0  # the tensors, in file order, must tile [0, data_size) exactly
+        self._entries = {k: self._check_entry(k, v, size - 8 - n) for k, v in header.items()}
+        position = 0  # the tensors, in file order, must tile the data exactly
         for key, (_, _, begin, end) in sorted(self._entries.items(), key=lambda e: e[1][2:]):
             if begin != position:
                 what = "overlaps the tensor before it" if begin < position else \
@@ -1138,9 +1011,9 @@ class SafetensorsFile(_OpenFile):
                 raise MixerError(f"{name}: tensor {key!r} {what}: the file is corrupt or was "
                                  f"crafted")
             position = end
-        if position != data_size:
-            raise MixerError(f"{name}: {data_size - position} bytes after the last tensor: the "
-                             f"file is corrupt or was crafted")
+        if position != size - 8 - n:
+            raise MixerError(f"{name}: {size - 8 - n - position} bytes after the last tensor: "
+                             f"the file is corrupt or was crafted")
 
     def _check_entry(self, key, info, data_size):
         try:
@@ -1158,16 +1031,17 @@ class SafetensorsFile(_OpenFile):
             raise MixerError(f"{self.name}: tensor {key!r} has {len(shape)} dimensions; a Mixer "
                              f"tensor has at most 4")
         nbytes = _DTYPES[dtype].itemsize * math.prod(shape)
-        if max(shape, default=0) > data_size or not (begin <= end <= data_size
-                                                      and end - begin == nbytes):
+        if max(shape, default=0) > data_size or not begin <= end == begin + nbytes <= data_size:
             raise MixerError(f"{self.name}: tensor {key!r} lies outside the file or has the "
                              f"wrong size: the file is truncated or corrupt")
         return dtype, shape, begin, end
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's name and shape, as stored."""
         return {k: e[1] for k, e in self._entries.items()}
 
     def keys(self):
+        """The tensors' names."""
         return self._entries.keys()
 
     def dtype(self, key: str) -> str:
@@ -1175,16 +1049,14 @@ class SafetensorsFile(_OpenFile):
         return self._entries[key][0]
 
     def read(self, key: str, finite: bool = False) -> np.ndarray:
-        """The tensor, in memory of its own (BF16 as _Bfloat16Bits; see as_float32). finite:
-        refuse NaN and infinity, naming the tensor."""
+        """The tensor, read-only in memory of its own (BF16 as _Bfloat16Bits, see as_float32).
+        finite: refuse NaN and infinity, naming the tensor."""
         dtype, shape, begin, end = self._entries[key]
         a = np.empty(shape, _DTYPES[dtype])
-        view = memoryview(a.reshape(-1)).cast("B")
-        done = 0
+        view, done = memoryview(a.reshape(-1)).cast("B"), 0
         try:
             while done < len(view):
-                got = os.preadv(self._file.fileno(), [view[done:]], self._start + begin + done) \
-                    if hasattr(os, "preadv") else self._read_at(view[done:], begin + done)
+                got = self._read_at(view[done:], self._start + begin + done)
                 if not got:
                     break
                 done += got
@@ -1196,15 +1068,16 @@ class SafetensorsFile(_OpenFile):
             raise MixerError(f"{self.name} changed while it was being read: load it again once "
                              f"it is complete")
         a.flags.writeable = False  # a model's weights change only through a new Mixer
-        if dtype == "BF16":
-            a = a.view(_Bfloat16Bits)
+        a = a.view(_Bfloat16Bits) if dtype == "BF16" else a
         if finite and not _all_finite(a):
             raise MixerError(f"{self.name}: tensor {key!r} holds NaN or infinite values: the "
                              f"weights are damaged (a diverged training run, a bad conversion)")
         return a
 
-    def _read_at(self, view, offset):  # where os.preadv does not exist (Windows)
-        self._file.seek(self._start + offset)
+    def _read_at(self, view, offset):
+        if hasattr(os, "preadv"):  # not on Windows
+            return os.preadv(self._file.fileno(), [view], offset)
+        self._file.seek(offset)
         return self._file.readinto(view)
 
     def items(self, finite: bool = False):
@@ -1229,9 +1102,8 @@ def _npz_hint(f, name) -> str:
 
 
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Reads a whole safetensors file (see SafetensorsFile for the checks): returns
-    (name -> array, metadata). BF16 tensors come back as uint16 bit patterns; `as_float32`
-    converts them."""
+    """A whole safetensors file (checked as SafetensorsFile): (name -> array, metadata), BF16
+    tensors as bit patterns that as_float32 converts."""
     with SafetensorsFile(path) as f:
         return dict(f.items()), f.metadata
 
@@ -1256,7 +1128,7 @@ def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str],
                       dtype: str = "float32") -> None:
-    """Writes atomically: a temporary file in the same folder, renamed into place when complete."""
+    """Writes the tensors in `dtype` (COMPUTE_DTYPES) atomically (see atomic_write)."""
     code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype)
     if code is None:
         raise MixerError(f"unsupported dtype {dtype!r}: expected float32, float16 or bfloat16")
@@ -1268,29 +1140,27 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
 def _write_tensors(path: str, tensors: dict[str, tuple[str, np.ndarray]],
                    metadata: dict[str, str]) -> None:
     """write_safetensors for arrays already in their stored form: name -> (dtype code, array)."""
-    arrays, header, offset = [], {"__metadata__": metadata}, 0
+    header, offset = {"__metadata__": metadata}, 0
     for name, (code, a) in tensors.items():
         header[name] = {"dtype": code, "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
-        arrays.append(a)
         offset += a.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with atomic_write(path) as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for a in arrays:
+        for _, a in tensors.values():
             f.write(memoryview(a).cast("B"))
 
 
 class atomic_write:
-    """`with atomic_write(path) as f:` writes to a temporary file beside `path` and renames it
-    into place only when the block ends without an exception, so `path` is either the old file
-    or the complete new one. Ctrl-C, SIGTERM under run_main, and full disks remove the
-    temporary; one left by a process that was killed outright (SIGKILL, a power cut) is named
-    `.tmp-mixer-<host>-<pid>-...` and removed by the next atomic_write into that folder from the
-    same host once that process is gone (see remove_stale_temporaries). The target may be missing, a regular file or a symlink (the link itself is replaced,
-    its target left alone); a directory, FIFO or device is refused."""
+    """`with atomic_write(path) as f:` writes a temporary file beside `path`, renamed into place
+    only when the block ends without an exception: `path` is the old file or the whole new one.
+    Errors, Ctrl-C and SIGTERM (under run_main) remove the temporary; one left by a killed
+    process (`.tmp-mixer-<host>-<pid>-...`) is removed by the next atomic_write into its folder
+    on that host (remove_stale_temporaries). A symlink target is replaced as a link; a
+    directory, FIFO or device is refused."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -1300,10 +1170,10 @@ class atomic_write:
         try:
             mode = os.lstat(self.path).st_mode
         except FileNotFoundError:
-            mode = None
+            mode = stat.S_IFREG
         except OSError as e:
             raise MixerError(f"cannot write {self.path}: {e.strerror or e}") from None
-        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             kind = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
             raise MixerError(f"cannot write {self.path}: it {kind}; give the path of a file")
         try:
@@ -1346,24 +1216,20 @@ class atomic_write:
 
 
 def _temporary_prefix() -> str:
-    """The start of every temporary name this process makes: `.tmp-mixer-<host>-<pid>-`. The
-    host is part of it because a pid means something on its own machine only (a folder shared
-    over NFS, or by containers, holds temporaries of other machines' live processes)."""
+    """`.tmp-mixer-<host>-<pid>-`, the start of this process's temporary names (a pid means
+    something on its own host only: a folder may be shared over NFS or by containers)."""
     host = "".join(c if c.isalnum() else "_" for c in platform.node())[:32] or "host"
     return f".tmp-mixer-{host}-{os.getpid()}-"
 
 
 def _create_temporary(folder: str, suffix: str) -> tuple[str, int]:
-    """A new file `<_temporary_prefix()><8 hex digits><suffix>` in folder: (path, fd open for
-    writing). Its mode is what open() would give (0666 less the umask), without touching the
-    process's umask."""
+    """A new file `<_temporary_prefix()><8 hex digits><suffix>` in folder: (path, fd), its mode
+    what open() would give, without touching the process's umask."""
     for _ in range(100):
         path = os.path.join(folder, f"{_temporary_prefix()}{os.urandom(4).hex()}{suffix}")
-        try:
+        with contextlib.suppress(FileExistsError):
             return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                  | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
     raise FileExistsError(f"no free temporary name in {folder}")
 
 
@@ -1378,11 +1244,9 @@ def _fsync_folder(folder: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Removes the temporaries that atomic_write (files) and the download cache (folders ending
-    in -download) left in `folder` when their process was killed outright; returns what was
-    removed. Only names of exactly that form (`.tmp-mixer-<host>-<pid>-<8 hex>-...`) made on
-    this host by a process that no longer exists are touched: those of live processes, of other
-    machines, and everything else are left alone, so this is safe to run at any time."""
+    """Removes, and returns, the temporaries in `folder` of atomic_write (files) and of the
+    download cache (folders ending in -download) whose process, on this host, no longer exists;
+    only names of exactly that form are touched, so this is safe at any time."""
     removed = []
     try:
         names = os.listdir(folder)
@@ -1390,12 +1254,9 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         return removed
     mine = _temporary_prefix().rsplit("-", 2)[0] + "-"  # `.tmp-mixer-<host>-`
     for name in names:
-        if not name.startswith(mine):
-            continue
         pid, _, rest = name[len(mine):].partition("-")
-        random = rest[:8]
-        if not (pid.isdigit() and len(random) == 8 and rest[8:9] == "-"
-                and all(c in "0123456789abcdef" for c in random)) or _process_alive(int(pid)):
+        if not (name.startswith(mine) and pid.isdigit() and rest[8:9] == "-"
+                and all(c in "0123456789abcdef" for c in rest[:8])) or _process_alive(int(pid)):
             continue
         path = os.path.join(folder, name)
         with contextlib.suppress(OSError):
@@ -1422,50 +1283,32 @@ def _process_alive(pid: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# The user-facing model.
-
-# --------------------------------------------------------------------------------------------
-# Quantised weights: MLX's affine group-wise format, written and read here in numpy so that the
-# numpy backend and convert.py need no MLX. A kernel is quantised as a 2-D matrix (in, out) (the
-# stem's HWIO kernel as (P*P*3, C)) stored either transposed, (out, in), grouped along `in`
-# ("out_in": mlx-lm's and nn.QuantizedLinear's layout) or as it is, (in, out), grouped along
-# `out` ("in_out"). Every `group_size` consecutive elements of a stored row share a scale and a
-# bias: w = scale * q + bias, q an unsigned `bits`-bit integer; element j of a row sits at bit
-# (j * bits) % 32 of the row's uint32 word j * bits // 32, little-endian, as mx.quantize packs.
+# Quantised weights: MLX's affine group-wise format, in numpy. A kernel, as an (in, out)
+# matrix (the stem's as (P*P*3, C)), is stored transposed, (out, in), grouped along `in`
+# ("out_in", mlx-lm's layout), or as it is, grouped along `out` ("in_out"). Each `group_size`
+# consecutive elements of a stored row share a scale and a bias, w = scale * q + bias, q an
+# unsigned `bits`-bit integer packed little-endian into uint32 words, as mx.quantize packs.
 
 QUANTIZED_DTYPES = {"int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128)  # what MLX accepts
 DEFAULT_GROUP_SIZE = 64  # MLX's default
 QUANTIZED_LAYOUTS = ("out_in", "in_out", "float16")
+HEAD_FLOAT16_SHARE = 0.05  # a head with at most this share of the kernels stays float16
 _SCALES, _BIASES = ".scales", ".biases"  # suffixes of a kernel's group scales and biases
 
 
 def quantization_layout(shape: tuple, group_size: int) -> str:
-    """How a kernel of official shape `shape` is quantised: grouped along its input axis when
-    the group size divides it ("out_in"), else along its output axis ("in_out": the
-    token-mixing Dense_0, whose input axis is the number of patches, 49 or 196), else kept in
-    float16 (small models whose axes no allowed group size divides)."""
+    """Grouped along the input axis where the group size divides it ("out_in"), else along the
+    output axis ("in_out": token-mixing Dense_0, whose input is the 49 or 196 patches), else
+    kept in float16."""
     rows, cols = math.prod(shape[:-1]), shape[-1]
-    if rows % group_size == 0:
-        return "out_in"
-    if cols % group_size == 0:
-        return "in_out"
-    return "float16"
-
-
-# The head stays float16 when it holds at most this share of the kernels' weights (1000-class
-# heads: 1.3% of B/16's, 2.7% of S/32's): its error goes straight into the logits. Measured on
-# random official-format weights, int4 groups of 64: logits' relative error 0.133 -> 0.100 on
-# B/16 (+0.005x of the float32 file) and 0.147 -> 0.116 on S/32 (+0.009x); int8 0.0081 ->
-# 0.0062 on B/16. A 21843-class head (22% of B/16's weights) is quantised: in float16 it would
-# double the int4 file.
-HEAD_FLOAT16_SHARE = 0.05
+    return "out_in" if rows % group_size == 0 else "in_out" if cols % group_size == 0 \
+        else "float16"
 
 
 def quantization_plan(config: MixerConfig, group_size: int) -> dict[str, str]:
-    """The layout of every Dense/stem kernel of `config` (see quantization_layout and
-    HEAD_FLOAT16_SHARE); the other tensors (Dense biases, LayerNorm scales and biases) stay
-    float32."""
+    """The layout of every kernel of `config`; a small head stays float16 (its error goes
+    straight into the logits). Biases and LayerNorms stay float32."""
     shapes = param_shapes(config)
     plan = {k: quantization_layout(s, group_size) for k, s in shapes.items()
             if k.endswith("/kernel")}
@@ -1486,11 +1329,16 @@ def check_quantization(dtype, group_size) -> tuple[int, int]:
     return QUANTIZED_DTYPES[dtype], group_size
 
 
+def _stored_shape(shape: tuple, layout: str) -> tuple[int, int]:
+    """The quantised matrix's (rows, cols): (out, in) for "out_in", (in, out) for "in_out"."""
+    n_in, n_out = math.prod(shape[:-1]), shape[-1]
+    return (n_out, n_in) if layout == "out_in" else (n_in, n_out)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
-    """One quantised kernel on the host: `packed` (uint32, the stored matrix's rows, cols * bits
-    / 32), `scales` and `biases` (float16, rows, cols / group_size), and `shape`, the kernel's
-    official shape (what check_shapes sees)."""
+    """One quantised kernel on the host: `packed` (uint32, stored rows, cols * bits / 32),
+    `scales` and `biases` (float16, rows, cols / group_size), and its official `shape`."""
     packed: np.ndarray
     scales: np.ndarray
     biases: np.ndarray
@@ -1504,9 +1352,7 @@ class QuantizedTensor:
         return f"int{self.bits}"
 
     def stored_shape(self) -> tuple[int, int]:
-        """The quantised matrix's (rows, cols): (out, in) for "out_in", (in, out) for "in_out"."""
-        n_in, n_out = math.prod(self.shape[:-1]), self.shape[-1]
-        return (n_out, n_in) if self.layout == "out_in" else (n_in, n_out)
+        return _stored_shape(self.shape, self.layout)
 
     def dequantize(self) -> np.ndarray:
         """The kernel in float32, official shape and layout."""
@@ -1516,30 +1362,25 @@ class QuantizedTensor:
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int, layout: str) -> QuantizedTensor:
-    """Quantises the kernel w (official shape) in `layout` ("out_in" or "in_out"). Each group
-    takes the better (smaller squared error) of two choices of scale and bias: its range
-    [min, max] split into 2^bits - 1 steps, or mx.quantize's choice, whose levels include 0
-    exactly (better where most weights sit near 0 and an outlier sets the range). Both are
-    rounded to float16 before q is computed from them (so nothing is rounded twice). Non-finite
-    weights and values beyond float16's range are refused."""
+    """The kernel w (official shape) quantised in `layout`. Each group takes the better (least
+    squared error) of two scales and biases, both rounded to float16 before q is computed: its
+    range split into 2^bits - 1 steps, or mx.quantize's choice, whose levels hold 0 exactly."""
     w = np.asarray(w, dtype=np.float32)
     m = w.reshape(-1, w.shape[-1])
     m = np.ascontiguousarray(m.T if layout == "out_in" else m)  # its groups, row by row
     rows, cols = m.shape
     if cols % group_size:
-        raise MixerError(f"a {layout} kernel of shape {w.shape} cannot be grouped by "
-                         f"{group_size}")
+        raise MixerError(f"a {layout} kernel of shape {w.shape} cannot be grouped by {group_size}")
     if not np.isfinite(m).all():
         raise MixerError("cannot quantise non-finite weights")
     if m.size and np.abs(m).max() > np.finfo(np.float16).max / 2:
         raise MixerError(f"cannot quantise weights up to {np.abs(m).max():.3g}: the group "
                          f"scales and biases are float16 (at most 65504)")
     g = m.reshape(rows, cols // group_size, group_size)
-    lo, hi = g.min(axis=-1), g.max(axis=-1)
-    top = 2**bits - 1
+    lo, hi, top = g.min(axis=-1), g.max(axis=-1), 2**bits - 1
     step = (hi - lo) / top
-    # mx.quantize's choice: the end of larger magnitude is the bias, the scale (negative when
-    # that end is the max) adjusted so that a whole number of steps leads from it to 0
+    # mx.quantize's: the end of larger magnitude is the bias, the scale (negative when that end
+    # is the max) adjusted so that a whole number of steps leads from it to 0
     low_end = np.abs(lo) > np.abs(hi)
     edge, signed = np.where(low_end, lo, hi), np.where(low_end, step, -step)
     q0 = np.rint(edge / np.where(signed == 0, 1, signed))
@@ -1575,9 +1416,8 @@ def _float16(w: np.ndarray) -> np.ndarray:
 def dequantize_matrix(packed, scales, biases, bits: int, group_size: int) -> np.ndarray:
     """The stored matrix (rows, cols) in float32 from its packed words and float32 group scales
     and biases (rows, groups), written in place into one new array (no full-size temporaries:
-    peak memory, not speed, is what quantised weights are for)."""
-    rows = packed.shape[0]
-    cols = packed.shape[1] * 32 // bits
+    peak memory is what quantised weights are for)."""
+    rows, cols = packed.shape[0], packed.shape[1] * 32 // bits
     out = np.empty((rows, cols), np.float32)
     q = packed.view(np.uint8)  # little-endian words: the bytes are the elements in order
     if bits == 4:  # the even element in the low nibble
@@ -1594,8 +1434,7 @@ def dequantize_matrix(packed, scales, biases, bits: int, group_size: int) -> np.
 
 def _quantization_metadata(metadata: dict, name: str) -> dict | None:
     """The file's "mixer.quantization" metadata, checked: {"bits": 8 or 4, "group_size": 32, 64
-    or 128, "mode": "affine", "layout": {kernel name: "out_in" | "in_out" | "float16"}}, or None
-    for a float file."""
+    or 128, "mode": "affine", "layout": {kernel: a QUANTIZED_LAYOUT}}; None for a float file."""
     q = _json_metadata(metadata, "mixer.quantization", name, dict)
     if q is None:
         return None
@@ -1617,69 +1456,49 @@ def _quantization_metadata(metadata: dict, name: str) -> dict | None:
 
 def _packed_names(quantization: dict | None) -> set[str]:
     """The tensors that a quantised file stores as packed uint32 words."""
-    layout = (quantization or {}).get("layout", {})
-    return {k for k, v in layout.items() if v != "float16"}
+    return {k for k, v in (quantization or {}).get("layout", {}).items() if v != "float16"}
 
 
-def _check_quantized_shapes(config: MixerConfig, f: "SafetensorsFile", q: dict) -> None:
-    """Strict, like check_shapes: a quantised file holds every tensor of `config`, each
-    quantised kernel as its packed words (U32), scales and biases (F16) of exactly the shapes
-    its layout, bits and group size give, a "float16" kernel in F16 with its official shape, and
-    nothing else."""
+def _check_quantized_shapes(config: MixerConfig, f: SafetensorsFile, q: dict) -> None:
+    """check_shapes for a quantised file: each quantised kernel as its packed words (U32),
+    scales and biases (F16) of the shapes its layout, bits and group size give, a "float16"
+    kernel in F16, the other tensors as float ones."""
     name, bits, gs, layout = f.name, q["bits"], q["group_size"], q["layout"]
     shapes = param_shapes(config)
     unknown = sorted(k for k in layout if k not in shapes or not k.endswith("/kernel"))
     if unknown:
         raise MixerError(f"{name}: metadata 'mixer.quantization' names {unknown[0]!r}, not a "
                          f"kernel of this model")
-    expected, dtypes = {}, {}
+    expected, dtypes = dict(shapes), {}
     for k, shape in shapes.items():
         if k.endswith("/kernel") and k not in layout:
             raise MixerError(f"{name}: metadata 'mixer.quantization' gives no layout for "
                              f"{k!r}: the file is damaged or was made by another tool")
-        kind = layout.get(k)
-        if kind is None:
-            expected[k] = shape
-            continue
-        if kind == "float16":
-            expected[k], dtypes[k] = shape, "F16"
-            continue
-        n_in, n_out = math.prod(shape[:-1]), shape[-1]
-        rows, cols = (n_out, n_in) if kind == "out_in" else (n_in, n_out)
-        if cols % gs:
-            raise MixerError(f"{name}: {k!r} is stored {kind}, grouped by {gs} along an axis "
-                             f"of {cols}, which {gs} does not divide: the file is damaged")
-        expected[k], dtypes[k] = (rows, cols * bits // 32), "U32"
-        for suffix in (_SCALES, _BIASES):
-            expected[k + suffix], dtypes[k + suffix] = (rows, cols // gs), "F16"
-    found = f.shapes()
-    missing = [k for k in expected if k not in found]
-    extra = sorted(k for k in found if k not in expected)
-    if missing or extra:
-        k = (missing or extra)[0]
-        raise MixerError(f"{name}: tensor {k!r} is {'missing' if missing else 'unexpected'} in "
-                         f"this {bits}-bit quantised file: it is damaged or was made by "
-                         f"another tool")
-    for k, shape in expected.items():
-        dtype = f.dtype(k)
-        if tuple(found[k]) != shape or (k in dtypes and dtype != dtypes[k]):
-            raise MixerError(f"{name}: tensor {k!r} is {dtype} {tuple(found[k])}, expected "
-                             f"{dtypes.get(k, 'a float')} {shape} for {bits}-bit groups of "
-                             f"{gs}: the file is damaged")
+        if layout.get(k) == "float16":
+            dtypes[k] = "F16"
+        elif k in layout:
+            rows, cols = _stored_shape(shape, layout[k])
+            if cols % gs:
+                raise MixerError(f"{name}: {k!r} is stored {layout[k]}, grouped by {gs} along "
+                                 f"an axis of {cols}, which {gs} does not divide: it is damaged")
+            expected[k], dtypes[k] = (rows, cols * bits // 32), "U32"
+            for suffix in (_SCALES, _BIASES):
+                expected[k + suffix], dtypes[k + suffix] = (rows, cols // gs), "F16"
+    _check_tensors(name, expected, f.shapes(), dtypes, f.dtype,
+                   f" in this {bits}-bit file (groups of {gs}): it is damaged or was made by "
+                   f"another tool")
 
 
 class QuantizedReader:
     """The tensors of an open safetensors file `f` (checked against `config`), read one at a
-    time, as Mixer takes them: quantised kernels as QuantizedTensor, the rest float. `target`
-    (bits, group size) quantises what is stored in float, and re-quantises what is stored with
-    other bits or groups, one tensor at a time; None keeps the file's own."""
+    time as Mixer takes them: quantised kernels as QuantizedTensor, the rest float. `target`
+    (bits, group size) quantises float tensors, and re-quantises others, as they are read;
+    None keeps the file's own."""
 
-    def __init__(self, f: "SafetensorsFile", config: MixerConfig, target=None):
-        self.name, self._file, self._config = f.name, f, config
-        self._q = f.quantization
+    def __init__(self, f: SafetensorsFile, config: MixerConfig, target=None):
+        self.name, self._file, self._config, self._q = f.name, f, config, f.quantization
         if self._q is not None:
-            if target is None:
-                target = (self._q["bits"], self._q["group_size"])
+            target = target or (self._q["bits"], self._q["group_size"])
             _check_quantized_shapes(config, f, self._q)
         else:
             check_shapes(config, f.shapes(), f.name)
@@ -1687,9 +1506,11 @@ class QuantizedReader:
         self._plan = quantization_plan(config, self.group_size)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The official shapes of the tensors items() gives."""
         return param_shapes(self._config)
 
     def items(self, finite: bool = True):
+        """(name, tensor) pairs, one tensor read (and quantised) at a time."""
         f, layout = self._file, (self._q or {}).get("layout", {})
         for k, shape in param_shapes(self._config).items():
             if layout.get(k, "float16") != "float16":
@@ -1702,8 +1523,8 @@ class QuantizedReader:
                 w = w.dequantize()
             else:
                 w = as_float32(f.read(k, finite=True))
-            kind = self._plan.get(k)
             try:
+                kind = self._plan.get(k)
                 if kind == "float16":  # as a quantised file holds it
                     w = _float16(w).astype(np.float32)
                 elif kind is not None:
@@ -1713,10 +1534,12 @@ class QuantizedReader:
             yield k, w
 
 
+# --------------------------------------------------------------------------------------------
+# The user-facing model.
+
 DEFAULT_PREPROCESSING = {"resize": "crop", "crop_pct": 0.875, "interpolation": "bicubic",
                          "scale": "x / 127.5 - 1"}
-# Mixer.at_resolution refuses to build new token-mixing weights larger than this: they grow as
-# the fourth power of the factor (B/16 from 224 to 1792 px would need 28 GiB).
+# at_resolution refuses new token-mixing weights larger than this (they grow as K^4)
 AT_RESOLUTION_MAX_BYTES = 4 * 2**30
 
 
@@ -1756,21 +1579,16 @@ class Mixer:
                     raise MixerError(f"{v.dtype} weights are computed in float32 (dequantised "
                                      f"a layer at a time), not {dtype}: drop the dtype")
                 self.params[k] = self._ops.quantized(v)
-            elif self._is_backend_array(v):
-                self.params[k] = v
-            else:  # numpy arrays, or backend arrays to recast through numpy
-                self.params[k] = self._ops.asarray(as_float32(
-                    v if isinstance(v, np.ndarray) else self._ops.numpy(v)))
+            elif isinstance(v, np.ndarray) and not (self.backend == "numpy"
+                                                    and v.dtype == np.float32):
+                self.params[k] = self._ops.asarray(as_float32(v))
+            elif isinstance(v, np.ndarray) or self.dtype == "float32":
+                self.params[k] = v  # the backend's own array (a float32 one, on mlx/tinygrad)
+            else:  # another backend array, recast through numpy
+                self.params[k] = self._ops.asarray(self._ops.numpy(v))
         n = config.num_blocks
         self._logits = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=True))
         self._features = self._ops.compile(lambda p, x: forward(self._ops, p, x, n, head=False))
-
-    def _is_backend_array(self, v) -> bool:
-        """Whether v can be used as it is: float32 numpy arrays on numpy, and on the others
-        their own (float32) arrays when computing in float32."""
-        if isinstance(v, np.ndarray):
-            return self.backend == "numpy" and v.dtype == np.float32
-        return self.dtype == "float32"
 
     def _run(self, fn, x, width: int) -> np.ndarray:
         """fn's float32 output (B, width) for the batch x, checked first."""
@@ -1781,16 +1599,15 @@ class Mixer:
         if x.ndim == 3:
             raise MixerError(f"expected a batch (B, H, W, 3), got one image of shape {x.shape}: "
                              f"use x[None]")
-        size = self.config.image_size
+        size, p = self.config.image_size, self.config.patch_size
         if x.ndim != 4 or x.shape[3] != 3:
             raise MixerError(f"expected images of shape (B, H, W, 3), got {x.shape}")
         if x.dtype.kind != "f":  # uint8 pixels straight from a file are the usual mistake
             raise MixerError(f"expected float images scaled to [-1, 1] (mixer.preprocess makes "
                              f"them), got an array of {x.dtype}")
         if x.shape[1:3] != (size, size):
-            p = self.config.patch_size
-            hint = ("" if x.shape[1] % p == 0 and x.shape[2] % p == 0 else
-                    f" (and {x.shape[1]}x{x.shape[2]} is not a multiple of the patch size {p})")
+            hint = "" if x.shape[1] % p == 0 and x.shape[2] % p == 0 else \
+                f" (and {x.shape[1]}x{x.shape[2]} is not a multiple of the patch size {p})"
             raise MixerError(f"this model takes {size}x{size} images, got "
                              f"{x.shape[1]}x{x.shape[2]}{hint}; use mixer.preprocess(image, "
                              f"size={size}) or Mixer.at_resolution for a new size")
@@ -1814,15 +1631,13 @@ class Mixer:
     def classify(self, images, top_k: int = 5, batch_size: int = 32, resize: str | None = None,
                  exact: bool = False):
         """For each image a list of its top_k classes as (index, label or None, probability),
-        most probable first: a list with one entry per image, also when given one image.
+        most probable first: one entry per image, also when given one image.
 
-        images: a list (or any iterable, a generator too) of paths and PIL images; one path or
-        PIL image; or an array batch (B, H, W, 3) from preprocess. Paths are decoded by
-        preprocess (resize: default the weights file's, else "crop"; exact: see preprocess) in
-        DECODE_THREADS threads while the model runs on the batch before, batch_size images at a
-        time; a few batches are held in memory, whatever the number of images. A file that
-        cannot be read is a MixerError, as is a model whose outputs are not finite (damaged
-        weights, or inputs far out of range): no probabilities are made up.
+        images: an iterable (a generator too) of paths and PIL images; one path or PIL image;
+        or an array batch (B, H, W, 3) from preprocess. Paths are decoded by preprocess
+        (resize: default the weights file's, else "crop"; exact: see preprocess) in
+        DECODE_THREADS threads while the model runs on the batch before. An unreadable file,
+        and a model whose outputs are not finite, are a MixerError: no made-up probabilities.
         """
         results = []
         with contextlib.closing(self._classify_each(images, top_k, batch_size, resize,
@@ -1834,21 +1649,18 @@ class Mixer:
         return results
 
     def _classify_each(self, images, top_k, batch_size, resize, exact):
-        """classify's work, one image at a time in input order: (index, image, its top_k, or
-        the MixerError that it could not be read with), so that a caller (the command line) can
-        report an unreadable file and go on. Arguments are checked before the first result.
-        Close the generator when stopping early: that ends its decoding threads."""
-        top_k = positive_int(top_k, "top_k")
-        batch_size = positive_int(batch_size, "batch_size")
+        """classify's work, an image at a time in input order: (index, image, its top_k or the
+        MixerError it could not be read with), so that the command line can report an
+        unreadable file and go on. Arguments are checked before the first result. Close the
+        generator when stopping early: that ends its decoding threads."""
+        top_k, batch_size = positive_int(top_k, "top_k"), positive_int(batch_size, "batch_size")
         if resize not in (None, "crop", "squash"):
             raise MixerError(f"resize must be 'crop', 'squash' or None, got {resize!r}")
         if self.config.num_classes is None:
             raise MixerError("this model has no head (num_classes=None): nothing to classify")
         if isinstance(images, (str, bytes, os.PathLike)) or _is_pil_image(images):
             images = [images]  # one image, not an iterable of characters, bytes or pixels
-        if isinstance(images, np.ndarray):
-            # slices of a batch; an empty or misshapen array goes to the model whole, which
-            # checks it (and gives no rows for an empty batch)
+        if isinstance(images, np.ndarray):  # an empty or misshapen one goes to the model whole
             slices = ([images[i:i + batch_size] for i in range(0, len(images), batch_size)]
                       if images.ndim == 4 and len(images) else [images])
             rows = (top for x in slices for top in self._top_k(x, top_k))
@@ -1863,7 +1675,6 @@ class Mixer:
                                    resize=resize or self.preprocessing.get("resize", "crop"))
         with contextlib.closing(decode_ahead(images, batch_size, decode)) as batches:
             for batch in batches:
-                # the images that could be read, in one array; the others keep their error
                 good = [pixels for _, _, pixels in batch if not isinstance(pixels, MixerError)]
                 tops = iter(self._top_k(np.stack(good), top_k) if good else [])
                 for index, image, pixels in batch:
@@ -1877,70 +1688,48 @@ class Mixer:
                              "or the input is out of range")
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        k = min(top_k, probs.shape[1])
-        rows = []
-        for row in probs:
-            top = np.argsort(-row, kind="stable")[:k]
-            rows.append([(int(i), self.labels[i] if self.labels else None, float(row[i]))
-                         for i in top])
-        return rows
+        return [[(int(i), self.labels[i] if self.labels else None, float(row[i]))
+                 for i in np.argsort(-row, kind="stable")[:top_k]] for row in probs]
 
     def numpy_params(self) -> dict[str, np.ndarray]:
-        """The weights as float32 numpy arrays by official name ("stem/kernel", ...), in the
-        official layouts (Dense kernels (in, out), the stem kernel HWIO). On mlx and tinygrad
-        these are copies, weights held in float16 or bfloat16 widened to float32 exactly; on
-        numpy they are the model's own arrays, not copies: copy one before changing it.
-        Quantised kernels come dequantised (new float32 arrays)."""
+        """The weights as float32 numpy arrays by official name, in the official layouts: on
+        numpy the model's own arrays (copy one before changing it), else copies; quantised
+        kernels dequantised."""
         return {k: self._host_quantized(v).dequantize() if isinstance(v, dict)
                 else self._ops.numpy(v) for k, v in self.params.items()}
 
     @property
     def quantization(self) -> dict | None:
-        """{"bits": 8 or 4, "group_size": ...} when the model holds quantised kernels, else
-        None."""
-        for v in self.params.values():
-            if isinstance(v, dict):
-                return {"bits": v["bits"], "group_size": v["group_size"]}
-        return None
+        """{"bits": 8 or 4, "group_size": ...} when the model holds quantised kernels, else None."""
+        q = next((v for v in self.params.values() if isinstance(v, dict)), None)
+        return None if q is None else {"bits": q["bits"], "group_size": q["group_size"]}
 
     def _host_quantized(self, kernel: dict) -> QuantizedTensor:
-        """A quantised kernel of this model's backend back in numpy, exactly (its scales and
-        biases came from float16 and are held in float32)."""
-        packed = kernel["packed"]
-        if not isinstance(packed, np.ndarray):
-            with BACKEND_LOCKS[self.backend]:
-                packed = packed.numpy() if self.backend == "tinygrad" else np.array(packed)
-        scales, biases = (self._ops.numpy(kernel[k]).astype(np.float16)
-                          for k in ("scales", "biases"))
-        return QuantizedTensor(packed, scales, biases, kernel["bits"], kernel["group_size"],
-                               kernel["layout"], tuple(kernel["shape"]))
+        """A quantised kernel of this model back in numpy, exactly (its scales and biases came
+        from float16)."""
+        scales, biases = (self._ops.numpy(kernel[k]).astype(np.float16) for k in
+                          ("scales", "biases"))
+        return QuantizedTensor(self._ops.numpy(kernel["packed"]), scales, biases, kernel["bits"],
+                               kernel["group_size"], kernel["layout"], tuple(kernel["shape"]))
 
     def at_resolution(self, image_size: int) -> "Mixer":
-        """This model for images K times larger (paper Appendix C), K an integer.
-
-        Only the token-mixing MLPs change: each becomes K² block-diagonal copies of itself, one
-        per K x K tile of the token grid, so until fine-tuned the new model treats the tiles
-        independently: its logits are the mean of this model's logits on the K² tiles.
-        A quantised model gives a quantised one: the kernels that do not change keep their
-        stored values, the new token-mixing kernels are quantised with the same bits and group
-        size (those of the dequantised ones, so their logits are those of this model's
-        dequantised weights, up to the new rounding).
-        """
-        old = self.config.image_size
+        """This model for images K times larger (paper Appendix C), K an integer: each
+        token-mixing MLP becomes K² block-diagonal copies of itself, one per K x K tile of the
+        token grid, so until fine-tuned its logits are the mean of this model's on the K² tiles.
+        A quantised model gives one quantised alike (unchanged kernels keep their values)."""
+        old, d = self.config.image_size, self.config.tokens_mlp_dim  # D_S
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
                 or image_size < old or image_size % old:
             raise MixerError(f"at_resolution needs an integer multiple of the current size "
                              f"{old} (e.g. {2 * old}), got {image_size!r}")
         image_size = int(image_size)
         k, g = image_size // old, old // self.config.patch_size  # K, old grid side
-        d = self.config.tokens_mlp_dim  # D_S
-        # the new token-mixing kernels grow as K^4 ((K²S, K²D_S) each): refuse before allocating
         need = self.config.num_blocks * 2 * (k * k * g * g) * (k * k * d) * 4
         if need > AT_RESOLUTION_MAX_BYTES:
-            raise MixerError(f"at_resolution({image_size}) would need {format_gib(need)} for the new "
-                             f"token-mixing weights (the limit is "
-                             f"{format_gib(AT_RESOLUTION_MAX_BYTES)}): choose a smaller multiple of "
-                             f"{old}")
+            raise MixerError(f"at_resolution({image_size}) would need {format_gib(need)} for "
+                             f"the new token-mixing weights (the limit is "
+                             f"{format_gib(AT_RESOLUTION_MAX_BYTES)}): choose a smaller "
+                             f"multiple of {old}")
         t = np.arange((k * g) ** 2)[:, None]  # every new token, row-major over the new grid
         y, x = divmod(t, k * g)
         q = (y // g) * k + x // g  # its tile
@@ -1970,47 +1759,19 @@ class Mixer:
 
     def save(self, path: str, dtype: str = "float32", source: str | None = None,
              group_size: int = DEFAULT_GROUP_SIZE) -> None:
-        """Writes the model to a safetensors file that mixer.load reads back: the weights under
-        their official names, and as metadata the config, the label names and the
-        preprocessing (and `source`, a free-text note on where the weights came from).
-
-        dtype is what the file stores, whatever the model computes in: "float32" (exact),
-        "bfloat16" (half the size, float32's range, ~3 significant digits) or "float16" (half
-        the size, more digits, but values beyond 65504 do not fit: refused). Weights that are
-        not finite are refused too. The file is written atomically: a temporary file in the
-        same folder, renamed over `path` only once complete, so `path` never holds half a file.
-
-        "int8" and "int4" quantise the kernels in groups of `group_size` (see quantize and
-        quantization_plan); a model loaded quantised with the same bits and group size keeps
-        its stored values (nothing is rounded twice).
-        """
+        """Writes the model to a safetensors file that load reads back, atomically: the weights
+        under their official names, and as metadata the config, labels, preprocessing and
+        `source` (a free-text note). dtype is what the file stores: "float32" (exact),
+        "bfloat16" or "float16" (half the size; values beyond 65504 refused), or "int8"/"int4"
+        in groups of `group_size` (quantised kernels of the same bits and groups are kept as
+        they are). Non-finite weights are refused."""
         if not isinstance(path, (str, os.PathLike)):
             raise MixerError(f"save needs a file path, got {type(path).__name__}")
-        if dtype not in ("float32", "float16", "bfloat16", *QUANTIZED_DTYPES):
+        if dtype not in (*COMPUTE_DTYPES, *QUANTIZED_DTYPES):
             raise MixerError(f"save: unsupported dtype {dtype!r}: expected float32, float16, "
                              f"bfloat16, {', '.join(QUANTIZED_DTYPES)}")
         if source is not None and not isinstance(source, str):
             raise MixerError(f"save: source must be a string or None, got {type(source).__name__}")
-        if dtype in QUANTIZED_DTYPES:
-            bits, group_size = check_quantization(dtype, group_size)
-            tensors, layout = self._quantized_tensors(bits, group_size)
-            metadata = self._metadata(source)
-            metadata["mixer.quantization"] = json.dumps(
-                {"bits": bits, "group_size": group_size, "mode": "affine", "layout": layout})
-            _write_tensors(path, tensors, metadata)
-            return
-        params = self.numpy_params()
-        for name, a in params.items():
-            if not np.isfinite(a).all():
-                raise MixerError(f"save: the weights hold non-finite values (first in {name!r}): "
-                                 f"nothing written")
-            if dtype == "float16" and a.size and np.abs(a).max() > np.finfo(np.float16).max:
-                raise MixerError(f"save: {name!r} holds values up to {np.abs(a).max():.3g}, "
-                                 f"beyond float16's 65504: save as bfloat16 or float32")
-        write_safetensors(path, params, self._metadata(source), dtype=dtype)
-
-    def _metadata(self, source: str | None) -> dict[str, str]:
-        """A weights file's metadata: config, preprocessing, labels and source."""
         metadata = {"format": "mixer", "mixer.format_version": FORMAT_VERSION,
                     "mixer.config": json.dumps(self.config.to_dict()),
                     "mixer.preprocessing": json.dumps(self.preprocessing)}
@@ -2018,7 +1779,19 @@ class Mixer:
             metadata["mixer.labels"] = json.dumps(self.labels)
         if source:
             metadata["mixer.source"] = source
-        return metadata
+        if dtype in QUANTIZED_DTYPES:
+            bits, group_size = check_quantization(dtype, group_size)
+            tensors, layout = self._quantized_tensors(bits, group_size)
+            metadata["mixer.quantization"] = json.dumps(
+                {"bits": bits, "group_size": group_size, "mode": "affine", "layout": layout})
+            return _write_tensors(path, tensors, metadata)
+        params = self.numpy_params()
+        for name, a in params.items():
+            _check_finite(name, a)
+            if dtype == "float16" and a.size and np.abs(a).max() > np.finfo(np.float16).max:
+                raise MixerError(f"save: {name!r} holds values up to {np.abs(a).max():.3g}, "
+                                 f"beyond float16's 65504: save as bfloat16 or float32")
+        write_safetensors(path, params, metadata, dtype=dtype)
 
     def _quantized_tensors(self, bits: int, group_size: int):
         """save's tensors for a quantised file, (name -> (dtype code, array), kernel name ->
@@ -2029,9 +1802,8 @@ class Mixer:
             w = self._host_quantized(v) if isinstance(v, dict) else self._ops.numpy(v)
             if isinstance(w, QuantizedTensor) and (w.bits, w.group_size) != (bits, group_size):
                 w = w.dequantize()
-            if isinstance(w, np.ndarray) and not np.isfinite(w).all():
-                raise MixerError(f"save: the weights hold non-finite values (first in "
-                                 f"{name!r}): nothing written")
+            if isinstance(w, np.ndarray):
+                _check_finite(name, w)
             if name not in plan:
                 tensors[name] = ("F32", np.ascontiguousarray(w, dtype=np.float32))
                 continue
@@ -2049,30 +1821,26 @@ class Mixer:
         return tensors, layout
 
     def __repr__(self):
-        name = self.config.variant or "custom"
-        dtype = "" if self.dtype == "float32" else f", dtype={self.dtype}"
-        q = self.quantization
-        if q:
-            dtype += f", int{q['bits']} in groups of {q['group_size']}"
-        return (f"Mixer({name}, {self.config.image_size}px, classes={self.config.num_classes}, "
-                f"backend={self.backend}{dtype})")
+        q, dtype = self.quantization, "" if self.dtype == "float32" else f", dtype={self.dtype}"
+        dtype += f", int{q['bits']} in groups of {q['group_size']}" if q else ""
+        return (f"Mixer({self.config.variant or 'custom'}, {self.config.image_size}px, "
+                f"classes={self.config.num_classes}, backend={self.backend}{dtype})")
+
+
+def _check_finite(name: str, a: np.ndarray) -> None:
+    if not np.isfinite(a).all():
+        raise MixerError(f"save: the weights hold non-finite values (first in {name!r}): "
+                         f"nothing written")
 
 
 def load(path: str, backend: str | None = None, dtype: str = "float32",
          quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Mixer:
-    """Loads a weights file onto `backend` (None: `default_backend()`), its weights held and
-    computed in `dtype` (see Mixer): a mixer safetensors file, or an official .npz checkpoint
-    (converted in memory, see load_npz).
-
-    Strict: any missing, extra or misshapen tensor, and any NaN or infinite weight, is an error
-    that names it. Files without our metadata (e.g. written by another tool with the official
-    names) have their config read off the tensor shapes. The tensors are read into memory of the
-    model's own, one at a time: the loaded model never depends on the file again.
-
-    Quantised files (Mixer.save with dtype "int8" or "int4") load quantised. quantize ("int8"
-    or "int4", in groups of group_size) quantises the weights of a float file as they are read,
-    one tensor at a time (and re-quantises a file quantised otherwise).
-    """
+    """Loads a weights file onto `backend` (None: default_backend()), held and computed in
+    `dtype`: a mixer safetensors file, or an official .npz checkpoint (see load_npz). Strict:
+    a missing, extra or misshapen tensor, or a NaN or infinite weight, is an error naming it. A
+    file without our metadata has its config read off its shapes. Tensors are read one at a
+    time into the model's own memory. Quantised files load quantised; quantize ("int8" or
+    "int4", in groups of group_size) quantises a float file as it is read."""
     if path is None or not isinstance(path, (str, bytes, os.PathLike)):
         raise MixerError(f"load() takes the path of a weights file, got {path!r}")
     target = None if quantize is None else check_quantization(quantize, group_size)
@@ -2084,16 +1852,14 @@ def load(path: str, backend: str | None = None, dtype: str = "float32",
                              f"with `convert.py {path} OUT.safetensors --dtype {quantize}`")
         return load_npz(path, backend=backend, dtype=dtype)
     with SafetensorsFile(path) as f:
-        shapes, metadata, name = f.shapes(), f.metadata, f.name
+        metadata, name = f.metadata, f.name
         config = _json_metadata(metadata, "mixer.config", name, dict)
         if config is None and f.quantization is not None:
             raise MixerError(f"{name}: a quantised file needs the metadata 'mixer.config' (its "
                              f"tensors' shapes are packed): the file is damaged")
-        config = infer_config(shapes) if config is None else MixerConfig.from_dict(config)
+        config = infer_config(f.shapes()) if config is None else MixerConfig.from_dict(config)
         if f.quantization is not None or target is not None:
             f = QuantizedReader(f, config, target)  # checks the shapes, packed ones included
-        else:
-            check_shapes(config, shapes, name)
         labels = _json_metadata(metadata, "mixer.labels", name, list)
         if labels is not None and not all(isinstance(label, str) for label in labels):
             raise MixerError(f"{name}: metadata 'mixer.labels' must be a JSON list of strings")
@@ -2117,13 +1883,12 @@ def _json_metadata(metadata, key, path, kind):
 
 
 def num_params(config: MixerConfig) -> int:
-    """How many numbers the weights of `config` hold (the sizes of param_shapes, summed), worked
-    out without listing them: a config can be too large to list."""
+    """How many numbers the weights of `config` hold, without listing them (a config can be too
+    large to list)."""
     p, c, s = config.patch_size, config.hidden_dim, config.num_tokens
     ds, dc, n = config.tokens_mlp_dim, config.channels_mlp_dim, config.num_classes
     block = 4 * c + (2 * s * ds + ds + s) + (2 * c * dc + dc + c)  # 2 LayerNorms, 2 MLPs
-    head = 0 if n is None else c * n + n
-    return p * p * 3 * c + c + config.num_blocks * block + 2 * c + head
+    return p * p * 3 * c + c + config.num_blocks * block + 2 * c + (0 if n is None else c * n + n)
 
 
 def _physical_memory() -> int | None:
@@ -2136,8 +1901,8 @@ def _physical_memory() -> int | None:
 
 def init_params(config: MixerConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """The official initialisation: lecun-normal kernels (truncated normal, fan-in), zero biases,
-    LayerNorm scale 1, and a zero head. A config whose weights cannot fit in this machine's
-    memory is refused with a MixerError that names their size, before anything is allocated."""
+    LayerNorm scale 1, a zero head. A config too large for this machine's memory is refused
+    before anything is allocated."""
     if not isinstance(config, MixerConfig):
         raise MixerError(f"expected a MixerConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -2146,11 +1911,10 @@ def init_params(config: MixerConfig, seed: int = 0) -> dict[str, np.ndarray]:
     largest = max(config.tokens_mlp_dim * config.num_tokens,
                   config.channels_mlp_dim * config.hidden_dim,
                   config.patch_size ** 2 * 3 * config.hidden_dim)
-    need = 4 * num_params(config) + 16 * largest
-    memory = _physical_memory()
+    need, memory = 4 * num_params(config) + 16 * largest, _physical_memory()
     if memory is not None and need > memory:
-        raise MixerError(f"this config's {num_params(config):,} weights need {format_gib(need)}, more "
-                         f"than this machine's {format_gib(memory)} of memory")
+        raise MixerError(f"this config's {num_params(config):,} weights need {format_gib(need)}, "
+                         f"more than this machine's {format_gib(memory)} of memory")
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
@@ -2158,13 +1922,11 @@ def init_params(config: MixerConfig, seed: int = 0) -> dict[str, np.ndarray]:
             params[name] = np.ones(shape, np.float32)
         elif name.endswith("/bias") or name == "head/kernel":
             params[name] = np.zeros(shape, np.float32)
-        else:
-            fan_in = math.prod(shape[:-1])
-            # flax lecun_normal: truncated at 2 std, std corrected for the truncation
-            std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+        else:  # flax lecun_normal: truncated at 2 std, std corrected for the truncation
             w = rng.standard_normal(shape)
             while (bad := np.abs(w) > 2).any():
                 w[bad] = rng.standard_normal(int(bad.sum()))
+            std = math.sqrt(1.0 / math.prod(shape[:-1])) / 0.87962566103423978
             params[name] = (w * std).astype(np.float32)
     return params
 

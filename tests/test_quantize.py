@@ -499,7 +499,7 @@ DAMAGE = {
     "scales missing": (lambda t, q, m: t.pop(CHANNEL_0 + ".scales"),
                        f"'{CHANNEL_0}.scales' is missing"),
     "extra tensor": (lambda t, q, m: _set(t, "extra", np.zeros(2, np.float32)),
-                     "'extra' is unexpected"),
+                     "unexpected tensor 'extra'"),
     "scales of the wrong shape": (
         lambda t, q, m: _set(t, CHANNEL_0 + ".scales", t[CHANNEL_0 + ".scales"][:64].copy()),
         f"'{CHANNEL_0}.scales' is F16 (64, 1), expected F16 (128, 1)"),
