@@ -1069,7 +1069,7 @@ class SafetensorsFile(_OpenFile):
                              f"it is complete")
         a.flags.writeable = False  # a model's weights change only through a new Mixer
         a = a.view(_Bfloat16Bits) if dtype == "BF16" else a
-        if finite and not _all_finite(a):
+        if finite and not np.isfinite(as_float32(a) if dtype == "BF16" else a).all():
             raise MixerError(f"{self.name}: tensor {key!r} holds NaN or infinite values: the "
                              f"weights are damaged (a diverged training run, a bad conversion)")
         return a
@@ -1086,10 +1086,6 @@ class SafetensorsFile(_OpenFile):
             yield key, self.read(key, finite)
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    if isinstance(a, _Bfloat16Bits):  # exponent bits all ones: inf or NaN
-        return not ((np.asarray(a).view(np.uint16) & 0x7F80) == 0x7F80).any()
-    return bool(np.isfinite(a).all())
 
 
 def _npz_hint(f, name) -> str:
@@ -1517,21 +1513,26 @@ class QuantizedReader:
                 w = QuantizedTensor(f.read(k), f.read(k + _SCALES, finite=True),
                                     f.read(k + _BIASES, finite=True), self._q["bits"],
                                     self._q["group_size"], layout[k], shape)
-                if (w.bits, w.group_size) == (self.bits, self.group_size):
-                    yield k, w
-                    continue
-                w = w.dequantize()
             else:
                 w = as_float32(f.read(k, finite=True))
             try:
-                kind = self._plan.get(k)
-                if kind == "float16":  # as a quantised file holds it
-                    w = _float16(w).astype(np.float32)
-                elif kind is not None:
-                    w = quantize(w, self.bits, self.group_size, kind)
+                w = _planned(w, self._plan.get(k), self.bits, self.group_size)
             except MixerError as e:
                 raise MixerError(f"{self.name}: tensor {k!r}: {e}") from None
-            yield k, w
+            yield k, w if isinstance(w, QuantizedTensor) else np.asarray(w, np.float32)
+
+
+def _planned(w, layout: str | None, bits: int, group_size: int):
+    """A tensor (float, or a QuantizedTensor) as a file of `bits` in groups of `group_size`
+    holds it: quantised in `layout`, float16, or (layout None: not a kernel) as it is. A kernel
+    quantised with those bits and groups is kept: nothing is rounded twice."""
+    if isinstance(w, QuantizedTensor):
+        if (w.bits, w.group_size) == (bits, group_size):
+            return w
+        w = w.dequantize()
+    if layout == "float16":
+        return _float16(w)
+    return w if layout is None else quantize(w, bits, group_size, layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1800,24 +1801,20 @@ class Mixer:
         tensors, layout = {}, {}
         for name, v in self.params.items():
             w = self._host_quantized(v) if isinstance(v, dict) else self._ops.numpy(v)
-            if isinstance(w, QuantizedTensor) and (w.bits, w.group_size) != (bits, group_size):
-                w = w.dequantize()
             if isinstance(w, np.ndarray):
                 _check_finite(name, w)
-            if name not in plan:
-                tensors[name] = ("F32", np.ascontiguousarray(w, dtype=np.float32))
-                continue
             try:
-                if isinstance(w, np.ndarray) and plan[name] == "float16":
-                    tensors[name], layout[name] = ("F16", _float16(w)), "float16"
-                    continue
-                if isinstance(w, np.ndarray):
-                    w = quantize(w, bits, group_size, plan[name])
+                w = _planned(w, plan.get(name), bits, group_size)
             except MixerError as e:
                 raise MixerError(f"save: {name!r}: {e}: nothing written") from None
-            tensors[name] = ("U32", w.packed)
-            tensors[name + _SCALES], tensors[name + _BIASES] = ("F16", w.scales), ("F16", w.biases)
-            layout[name] = w.layout
+            if isinstance(w, QuantizedTensor):
+                tensors[name], layout[name] = ("U32", w.packed), w.layout
+                tensors[name + _SCALES] = ("F16", w.scales)
+                tensors[name + _BIASES] = ("F16", w.biases)
+            elif name in plan:
+                tensors[name], layout[name] = ("F16", w), "float16"
+            else:
+                tensors[name] = ("F32", np.ascontiguousarray(w, dtype=np.float32))
         return tensors, layout
 
     def __repr__(self):
