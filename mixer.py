@@ -266,6 +266,7 @@ def printable(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 # The backend shim: every primitive the model uses, the same on each backend.
 #   asarray(np) -> backend array       numpy(a) -> np.ndarray (float32, or uint32 words)
+#   words(np uint32) -> backend array  a quantised kernel's packed words, as they are
 #   dense(x, kernel, bias)             x @ kernel + bias over the last axis
 #   mlp(x, kernel_0, bias_0, kernel_1, bias_1)   Dense_1(gelu(Dense_0(x))), tanh GELU
 #   layer_norm(x, scale, bias)         over the last axis, eps LN_EPS, statistics in float32
@@ -783,6 +784,7 @@ class OpenBLAS:
         return None
 
     def threads(self) -> int:
+        """Its thread count now."""
         return self._get()
 
     @contextlib.contextmanager
@@ -1345,9 +1347,11 @@ class QuantizedTensor:
 
     @property
     def dtype(self) -> str:
+        """"int8" or "int4"."""
         return f"int{self.bits}"
 
     def stored_shape(self) -> tuple[int, int]:
+        """The packed matrix's (rows, cols) before packing: (out, in) or (in, out)."""
         return _stored_shape(self.shape, self.layout)
 
     def dequantize(self) -> np.ndarray:
