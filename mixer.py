@@ -1042,10 +1042,6 @@ class SafetensorsFile(_OpenFile):
         """Every tensor's name and shape, as stored."""
         return {k: e[1] for k, e in self._entries.items()}
 
-    def keys(self):
-        """The tensors' names."""
-        return self._entries.keys()
-
     def dtype(self, key: str) -> str:
         """The tensor's safetensors dtype code ("F32", "U32", ...)."""
         return self._entries[key][0]
