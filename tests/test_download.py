@@ -352,7 +352,7 @@ def test_progress_bar_draws_in_place_on_a_terminal():
             return True
 
     stream, clock = Terminal(), Clock()
-    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream, clock=clock)
+    bar = mixer._Progress(stream, name="gsam/Mixer-S_32.npz", clock=clock)
     # (seconds since the start, MiB done) of 4 MiB; a call within 0.1 s of a frame is not
     # drawn, except the last one
     for seconds, mib in [(0, 0), (0.05, 0.5), (2, 1), (2.05, 1.5), (2.1, 4)]:
@@ -370,7 +370,7 @@ def test_progress_in_a_log_is_a_line_every_interval():
     """Not a terminal: one line at the start, then at most one per interval with the amount,
     the rate since the start and the time left, so that a slow download is seen to be alive."""
     stream, clock = io.StringIO(), Clock()
-    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream, interval=30, clock=clock)
+    bar = mixer._Progress(stream, name="gsam/Mixer-S_32.npz", interval=30, clock=clock)
     for seconds, kib in [(0, 0), (10, 100), (32, 1024), (40, 1200), (61, 1300), (64, 2048),
                          (3600, 2048)]:
         clock.now = 100.0 + seconds
