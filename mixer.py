@@ -2193,19 +2193,16 @@ OFFICIAL_CHECKPOINTS = {
              "imagenet21k": "imagenet21k/Mixer-L_16.npz"},
 }
 WEIGHTS_URL = "https://storage.googleapis.com/mixer_models/"  # MIXER_WEIGHTS_URL overrides
-# Label sets by head size (ILSVRC-2012 order; Google's ImageNet-21k order), as text files with
-# one name per line in class order; where a lone copy of this file fetches them from.
+# Label sets by head size (ILSVRC-2012 order; Google's ImageNet-21k order): text files with one
+# name per line in class order, and the official lists that a lone copy of this file fetches.
 LABEL_SETS = {"imagenet1k": 1000, "imagenet21k": 21843}
 LABELS_URL = "https://storage.googleapis.com/bit_models/"  # MIXER_LABELS_URL overrides
 LABEL_FILES = {"imagenet1k": "ilsvrc2012_wordnet_lemmas.txt",
                "imagenet21k": "imagenet21k_wordnet_lemmas.txt"}
 DOWNLOAD_ATTEMPTS = 3  # a dropped connection is retried (resumed) this many times in all
-# What ends a download that is not going to finish (each one an argument of download()):
 DOWNLOAD_STALL = 30.0  # seconds without a byte: the attempt fails (and is retried)
 DOWNLOAD_MIN_RATE = (64 * 1024, 60.0)  # fewer bytes in that many seconds: too slow (retried)
-# Seconds for a whole download, retries included: a fixed limit, since one derived from the size
-# at the minimum rate would allow days; MIXER_DOWNLOAD_TIMEOUT overrides it.
-DOWNLOAD_DEADLINE = 3600.0
+DOWNLOAD_DEADLINE = 3600.0  # seconds for it all, retries included (MIXER_DOWNLOAD_TIMEOUT)
 
 
 def labels_dirs() -> list[str]:
@@ -2226,31 +2223,26 @@ def read_labels(path: str) -> list[str]:
 
 
 def find_labels(spec: str | None, num_classes: int | None) -> list[str] | None:
-    """Class names for a head with num_classes outputs.
-
-    spec "auto": the ImageNet-1k names for 1000 classes, ImageNet-21k for 21843, else None; also
-    None when the label files are not found (callers then show class indices). "imagenet1k" or
-    "imagenet21k": that set, an error if not found. Any other string: a file, one name per line.
-    None or "none": no labels.
-    """
-    if spec is None or spec == "none":
-        return None
+    """Class names for a head with num_classes outputs. spec "auto": the label set of that
+    size, None where there is none or its file is not found (callers show class indices);
+    "imagenet1k" or "imagenet21k": that set, an error if not found; None or "none": no labels;
+    any other string: a file, one name per line."""
     auto = spec == "auto"
     if auto:
         spec = next((name for name, n in LABEL_SETS.items() if n == num_classes), None)
-        if spec is None:
-            return None
+    if spec is None or spec == "none":
+        return None
     if num_classes is None:
         raise MixerError(f"labels {spec!r} given for a model without a head")
     path = spec
     if spec in LABEL_SETS:
         found = [p for p in (os.path.join(d, spec + ".txt") for d in labels_dirs())
                  if os.path.isfile(p)]
-        if not found and auto:
-            return None
-        if not found:
+        if not found and not auto:
             raise MixerError(f"labels {spec!r} not found: expected {spec}.txt in "
                              f"{' or '.join(labels_dirs())}")
+        if not found:
+            return None
         path = found[0]
     labels = read_labels(path)
     if len(labels) != num_classes:
@@ -2260,15 +2252,12 @@ def find_labels(spec: str | None, num_classes: int | None) -> list[str] | None:
 
 
 def download_labels(spec: str) -> list[str]:
-    """The official names of a label set (a key of LABEL_SETS), fetched from MIXER_LABELS_URL
-    (a folder URL ending in /) or LABELS_URL, checked (valid UTF-8, one printable line per
-    class) and kept in the cache as SPEC.txt, where find_labels finds them. The official lists
-    write WordNet lemmas with underscores ("tench, Tinca_tinca"): they are kept, and shown, with
-    spaces, as labels/ has them."""
+    """The official names of a label set (a key of LABEL_SETS) from MIXER_LABELS_URL (a folder
+    URL ending in /) or LABELS_URL, checked (UTF-8, one printable line per class) and cached as
+    SPEC.txt for find_labels; with spaces for the WordNet lemmas' underscores, as in labels/."""
     url = _env_url("MIXER_LABELS_URL", LABELS_URL, "the label files") + LABEL_FILES[spec]
     classes = LABEL_SETS[spec]
     with _scratch_folder(cache_dir()) as scratch:
-        # the official lists hold 22 and 511 KiB, their longest name 176 bytes
         download(url, os.path.join(scratch, "labels"), max_size=256 * classes)
         with open(os.path.join(scratch, "labels"), "rb") as f:
             data = f.read()
@@ -2287,10 +2276,9 @@ def download_labels(spec: str) -> list[str]:
 
 
 class NpzFile(_OpenFile):
-    """An official checkpoint (.npz: an uncompressed zip of .npy arrays, written by numpy.savez)
-    opened with every member's header read and checked, nothing unpickled, and no array data
-    read until asked for (`read`): so a file that claims absurd shapes, hides a pickle, or is a
-    decompression bomb is refused before it costs memory. Errors name the file as `name`."""
+    """An official checkpoint (.npz: a zip of .npy arrays, by numpy.savez) opened with every
+    member's header checked, nothing unpickled, no data read until `read`: absurd shapes, a
+    pickle or a decompression bomb cost no memory. Errors name the file as `name`."""
 
     def __init__(self, path, name: str | None = None):
         self.name = name or os.fspath(path)
@@ -2322,16 +2310,14 @@ class NpzFile(_OpenFile):
 
     def _add(self, info):
         key = info.filename.removesuffix(".npy")
-        problem = (
-            "is not a numpy array (.npy): not an archive written by numpy.savez"
-            if key == info.filename or info.is_dir() else
-            "appears twice in the archive" if key in self._members else None)
-        if problem:
-            raise MixerError(f"{self.name}: member {info.filename!r} {problem}")
+        if key == info.filename or info.is_dir():
+            raise MixerError(f"{self.name}: member {info.filename!r} is not a numpy array "
+                             f"(.npy): not an archive written by numpy.savez")
         with self._errors(f"array {key!r}"), self._zip.open(info) as m:
             shape, fortran, dtype = self._header(m)
             nbytes = info.file_size - m.tell()
         problem = (
+            "appears twice in the archive" if key in self._members else
             "holds pickled Python objects; refusing to load it (a checkpoint holds plain float "
             "arrays)" if dtype.hasobject else
             f"has dtype {dtype}, expected float32" if dtype.kind != "f" else
@@ -2372,21 +2358,16 @@ class NpzFile(_OpenFile):
 
 
 def read_npz(path: str, name: str | None = None) -> dict[str, np.ndarray]:
-    """Every array of a numpy .npz archive as float32, never unpickling anything (see NpzFile
-    for the checks). Anything else is a MixerError naming the file as `name` (default: path)."""
+    """Every array of a numpy .npz archive as float32, checked as NpzFile does."""
     with NpzFile(path, name) as npz:
         return {key: npz.read(key) for key in npz.shapes()}
 
 
 def load_npz(path: str, backend: str | None = None, labels: str | None = "auto",
              head: bool = True, name: str | None = None, dtype: str = "float32") -> Mixer:
-    """An official checkpoint (.npz, flat keys such as "stem/kernel") as a Mixer.
-
-    The architecture is read off the arrays' headers, so every released file (and any Mixer
-    saved the same way) loads without naming its variant; every key and shape is checked before
-    any array is read, and NaN or infinite values are refused. labels: see find_labels.
-    head=False drops the classifier: a feature extractor.
-    """
+    """An official checkpoint (.npz, flat keys such as "stem/kernel") as a Mixer, its
+    architecture read off the arrays' headers and checked before any array is read; NaN or
+    infinity refused. labels: see find_labels. head=False: a feature extractor."""
     with NpzFile(path, name) as npz:
         shapes = {k: v for k, v in npz.shapes().items()
                   if head or k not in ("head/kernel", "head/bias")}
@@ -2421,8 +2402,8 @@ def official_checkpoint(variant: str, source: str | None = None) -> str:
 
 
 def cache_dir() -> str:
-    """Where downloaded checkpoints are kept, converted: MIXER_HOME if set; else weights/ beside
-    this file when that folder exists and is writable (a checkout); else the user's cache."""
+    """Where downloads are kept: MIXER_HOME; else weights/ beside this file if writable (a
+    checkout); else the user's cache."""
     if os.environ.get("MIXER_HOME"):
         return os.environ["MIXER_HOME"]
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -2438,15 +2419,15 @@ def cache_dir() -> str:
 
 
 def cache_path(checkpoint: str) -> str:
-    """The cached conversion of a released file. The same file names repeat across the
-    release's folders, so the folder is part of the name: gsam-Mixer-B_16.safetensors."""
+    """The cached conversion of a released file, folder in the name (the file names repeat
+    across the release's folders): gsam-Mixer-B_16.safetensors."""
     stem = checkpoint.removesuffix(".npz")
     return os.path.join(cache_dir(), stem.replace("/", "-") + ".safetensors")
 
 
 def weights_url() -> str:
-    """Where the released files are: MIXER_WEIGHTS_URL when set and not empty (a mirror, or a
-    file:// folder laid out like the release), else WEIGHTS_URL."""
+    """MIXER_WEIGHTS_URL (a mirror, or a file:// folder laid out like the release), else
+    WEIGHTS_URL."""
     return _env_url("MIXER_WEIGHTS_URL", WEIGHTS_URL, "the release")
 
 
@@ -2459,8 +2440,7 @@ def _env_url(variable: str, default: str, what: str) -> str:
 
 
 def download_deadline() -> float:
-    """Seconds a whole download may take: MIXER_DOWNLOAD_TIMEOUT when set, else
-    DOWNLOAD_DEADLINE."""
+    """Seconds a download may take: MIXER_DOWNLOAD_TIMEOUT, else DOWNLOAD_DEADLINE."""
     value = os.environ.get("MIXER_DOWNLOAD_TIMEOUT") or ""
     try:
         seconds = float(value) if value else DOWNLOAD_DEADLINE
@@ -2475,16 +2455,10 @@ def download_deadline() -> float:
 
 def pretrained(variant: str, source: str | None = None, backend: str | None = None,
                progress=None, dtype: str = "float32", quantize: str | None = None) -> Mixer:
-    """The official checkpoint of a variant (see OFFICIAL_CHECKPOINTS), downloaded, checked and
-    converted on first use, then loaded from cache_path() with no network access.
-
-    The cached file must hold what was asked for: the variant's architecture and head (21843
-    classes for imagenet21k, else 1000) and, when its metadata names its source, the released
-    file (or a file of that name converted from elsewhere). Anything else is an error that says
-    to delete it. Label names missing beside this file are fetched too (download_labels), or
-    left out where that fails: the model then reports class indices. progress(done, total) is
-    called as the download proceeds (see download). quantize: see load.
-    """
+    """The official checkpoint of a variant, downloaded, checked and converted on first use
+    (with its label names: find_labels, else download_labels, else class indices), then loaded
+    from cache_path() offline. A cached file that is not that variant's architecture and head,
+    or names another source, is an error that says to delete it. progress: see download."""
     checkpoint = official_checkpoint(variant, source)
     get_ops(backend, dtype)  # an unusable backend or dtype fails here, before any download
     path = cache_path(checkpoint)
@@ -2500,9 +2474,7 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
         model = load(path, backend=backend, dtype=dtype, quantize=quantize)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
-    # A file put here by hand, or by another version, must not answer for this variant. It is
-    # refused rather than replaced: it may be someone's own work, and replacing it needs a
-    # download that may not be possible (offline) or wanted (hundreds of MiB).
+    # refused, not replaced: it may be someone's work, and a download may not be possible
     expected = _expected_config(variant, checkpoint)
     if model.config != expected or \
             found_source not in (None, checkpoint, os.path.basename(checkpoint)):
@@ -2525,8 +2497,7 @@ def _official_labels(num_classes: int) -> list[str] | None:
 
 
 def _expected_config(variant: str, checkpoint: str) -> MixerConfig:
-    """The architecture a released file has: the variant's, with ImageNet-21k's 21843-way head
-    for the imagenet21k files, else ImageNet-1k's 1000."""
+    """A released file's architecture: the variant's, with a 21843- or 1000-way head."""
     classes = LABEL_SETS["imagenet21k" if checkpoint.startswith("imagenet21k/") else "imagenet1k"]
     return dataclasses.replace(VARIANTS[variant], num_classes=classes)
 
@@ -2539,9 +2510,8 @@ def _describe(config: MixerConfig) -> str:
 
 @contextlib.contextmanager
 def _scratch_folder(folder: str):
-    """A private folder in `folder` (same disk: its files can be renamed into place), removed
-    afterwards. It is named as atomic_write's temporaries are, with -download at the end, so
-    that when this process is killed outright a later writer here reclaims it."""
+    """A private folder in `folder` (same disk), removed afterwards; named as atomic_write's
+    temporaries, so that a later writer reclaims it if this process is killed outright."""
     try:
         os.makedirs(folder, exist_ok=True)
         scratch = os.path.join(folder, f"{_temporary_prefix()}{os.urandom(4).hex()}-download")
@@ -2561,8 +2531,7 @@ def _download_official(variant, checkpoint, path, progress):
     expected = _expected_config(variant, checkpoint)
     with _scratch_folder(os.path.dirname(os.path.abspath(path))) as scratch:
         npz = os.path.join(scratch, os.path.basename(checkpoint))
-        # A released file is the float32 arrays plus small zip and .npy headers: twice that
-        # (room for a float64 copy) bounds what a misbehaving server can make us store.
+        # twice the float32 arrays (room for float64) bounds what a server can make us store
         floats = sum(math.prod(shape) for shape in param_shapes(expected).values())
         try:
             download(url, npz, progress=progress, max_size=8 * floats + 2**20)
@@ -2577,8 +2546,7 @@ def _download_official(variant, checkpoint, path, progress):
 
 
 def _offline_hint(checkpoint: str, path: str) -> str:
-    """How to use a copy of a released file fetched elsewhere, in commands that exist here:
-    `mixer-convert` where pip installed it, else convert.py beside this file, if there."""
+    """How to use a copy fetched elsewhere, in the commands installed here (if any)."""
     name = os.path.basename(checkpoint)
     hint = f"To use a copy of {checkpoint} fetched elsewhere, pass it as --weights {name}"
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert.py")
@@ -2592,20 +2560,13 @@ def _offline_hint(checkpoint: str, path: str) -> str:
 def download(url: str, path: str, progress=None, attempts: int = DOWNLOAD_ATTEMPTS,
              timeout: float = DOWNLOAD_STALL, min_rate: tuple[int, float] = DOWNLOAD_MIN_RATE,
              deadline: float | None = None, max_size: int | None = None) -> None:
-    """Fetches url (http://, https:// or file://) into path, atomically: path appears only when
-    the transfer is complete (its size checked against Content-Length), never partly written.
-
-    A connection that drops mid-transfer is retried, resuming with an HTTP Range request where
-    the server supports it (else from the start); after `attempts` failures, or on an HTTP
-    error such as 404, nothing is kept. Standard library only (urllib).
-
-    Limits, so that no server keeps the caller waiting for ever: an attempt fails (and is
-    retried) when no byte arrives for `timeout` seconds, or when fewer than min_rate[0] bytes
-    arrive in min_rate[1] seconds; the whole download, retries included, fails once it has
-    taken `deadline` seconds (None: download_deadline()). A file larger than max_size bytes
-    (announced or received) is refused.
-    progress(done, total) is called as bytes arrive; total is None when the server sends no size.
-    """
+    """Fetches url (http://, https:// or file://) into path atomically, once complete (checked
+    against Content-Length). A dropped connection is retried, resumed with a Range request
+    where the server allows; an HTTP error such as 404 is not. An attempt fails (and is
+    retried) when no byte arrives for `timeout` seconds or fewer than min_rate[0] bytes in
+    min_rate[1] seconds; the whole download once it has taken `deadline` seconds (None:
+    download_deadline()); more than max_size bytes are refused. progress(done, total or None)
+    is called as bytes arrive."""
     if not _is_download_url(url):
         raise MixerError(f"cannot download {_one_line(url)!r}: expected an http://, https:// or "
                          f"file:// URL")
@@ -2641,9 +2602,8 @@ def download(url: str, path: str, progress=None, attempts: int = DOWNLOAD_ATTEMP
 
 
 def _fetch(url, f, progress, timeout, min_rate, ends, max_size):
-    """One GET that appends to f from f.tell(): returns (bytes in f, expected total or None).
-    Raises _Ended (a TimeoutError) for a stall (no byte for `timeout` s), for a trickle (fewer than
-    min_rate[0] bytes in a window of min_rate[1] s) and once time.monotonic() passes `ends`."""
+    """One GET appending to f from f.tell() -> (bytes in f, total or None); _Ended for a stall,
+    a trickle (per window of min_rate[1] s) and once time.monotonic() passes `ends`."""
     done = f.tell()
     headers = {"User-Agent": f"mlp-mixer (mixer.py format {FORMAT_VERSION})"}
     if done:
@@ -2713,8 +2673,7 @@ def _is_download_url(url: str) -> bool:
 
 
 def _one_line(text, limit: int = 200) -> str:
-    """A server's or user's text fit for one line of a message: runs of white space joined,
-    control characters escaped (printable), long text cut."""
+    """A server's or user's text for one line of a message: spaces joined, escaped, cut."""
     text = printable(" ".join(str(text).split()))
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -2723,11 +2682,7 @@ def _one_line(text, limit: int = 200) -> str:
 # Images: one decoder, for classifying (preprocess) and for training (train.py's Loader).
 
 MAX_IMAGE_SIZE = 8192  # preprocess's largest output side: 8192^2 x 3 float32 = 768 MiB
-# preprocess decodes a large image at reduced scale, keeping it at least REDUCED_MARGIN times
-# the size that the bicubic resize goes to: the filter then reads a sixteenth of a photo's
-# pixels, for outputs within the README's tolerance (bench.py --photos measures both paths).
-REDUCED_MARGIN = 2
-_ORIENTATION = 0x0112  # the EXIF tag; values 5 to 8 turn the picture by 90 degrees
+REDUCED_MARGIN = 2  # preprocess keeps a picture this many times what its resize needs (README)
 
 
 def file_signature(file) -> tuple:
@@ -2741,24 +2696,20 @@ def file_signature(file) -> tuple:
 class Picture:
     """An image decoded once, to be cropped as often as wanted (preprocess, training crops)."""
 
-    pixels: np.ndarray  # uint8 RGB (rows, columns, 3), upright, read-only; at 1/scale:
+    pixels: np.ndarray  # uint8 RGB (rows, columns, 3), upright, read-only, at 1/scale of
     scale: int
-    width: int  # the upright picture's full-resolution size: crop boxes are given in it
+    width: int  # the upright full-resolution size, in which crop boxes are given
     height: int
     signature: tuple | None  # file_signature() of the file as read; None for a PIL image
 
     @classmethod
     def open(cls, image, max_reduction=None) -> "Picture":
-        """A path or a PIL image, decoded: any mode as RGB (16-bit and float modes rescaled to
-        8 bits), after EXIF orientation; of an animation or a multi-page file, the first frame.
-
-        max_reduction(width, height) -> the largest factor per side by which the picture may
-        be shrunk (None: full resolution). A JPEG file is then decoded at 1/2, 1/4 or 1/8 scale
-        by libjpeg (Pillow's draft mode, a few times less work), and what is still 2 or more
-        times larger than allowed is box-reduced (Image.reduce). A PIL image passed in is
-        never changed. Refused with a MixerError: anything but a path or a PIL image, a path
-        that is not a regular file, a file Pillow cannot decode, and an image of more pixels
-        than PIL.Image.MAX_IMAGE_PIXELS."""
+        """A path or a PIL image (never changed) decoded: EXIF orientation applied, any mode as
+        RGB (16-bit and float ones rescaled), the first frame of several. max_reduction(width,
+        height): the largest factor per side it may shrink by (None: 1); a JPEG file is decoded
+        at 1/2, 1/4 or 1/8 scale by libjpeg (draft mode), the rest box-reduced (Image.reduce).
+        Refused with a MixerError: anything but a path or a PIL image, not a regular file, not
+        an image Pillow can decode, more pixels than PIL.Image.MAX_IMAGE_PIXELS."""
         Image, _ = _import_pil()
         is_path = isinstance(image, (str, bytes, os.PathLike))
         if not is_path and not isinstance(image, Image.Image):
@@ -2782,23 +2733,20 @@ class Picture:
     def _decode(cls, img, name, max_reduction, signature) -> "Picture":
         Image, ImageOps = _import_pil()
         w, h = img.size  # read from the header: nothing decoded yet
-        if not w or not h:
-            raise MixerError(f"{name}: the image has no pixels ({w}x{h})")
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and w * h > limit:  # Pillow only warns between 1x and 2x its limit
-            raise MixerError(f"{name}: {w}x{h} is {w * h} pixels, more than Pillow's limit of "
-                             f"{limit} (raise PIL.Image.MAX_IMAGE_PIXELS to read an image this "
-                             f"large that you trust)")
-        most = max_reduction(w, h) if max_reduction else 1
-        scale = 1
+        limit = Image.MAX_IMAGE_PIXELS  # Pillow itself only warns between 1x and 2x its limit
+        if not w or not h or limit is not None and w * h > limit:
+            raise MixerError(f"{name}: the image has no pixels ({w}x{h})" if not w or not h else
+                             f"{name}: {w}x{h} is {w * h} pixels, more than Pillow's limit of "
+                             f"{limit} (raise PIL.Image.MAX_IMAGE_PIXELS to read an image "
+                             f"this large that you trust)")
+        most, scale = max_reduction(w, h) if max_reduction else 1, 1
+        # draft changes the image object: only ours (a file's), never the caller's
         if most >= 2 and signature is not None and img.format in ("JPEG", "MPO"):
-            # libjpeg picks the largest scale that keeps both sides at least the size asked
-            # for, and returns the full image's box in decoded coordinates
             drafted = img.draft(img.mode, (math.ceil(w / most), math.ceil(h / most)))
-            if drafted:
+            if drafted:  # the full image's box, in decoded pixels
                 scale = round(w / drafted[1][2])
-        if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
-            w, h = h, w  # exif_transpose turns the picture by 90 degrees
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
+            w, h = h, w
         img = _to_rgb(ImageOps.exif_transpose(img))
         if int(most / scale) >= 2:  # after _to_rgb: averaged palette indices mean nothing
             img, scale = img.reduce(int(most / scale)), scale * int(most / scale)
@@ -2808,25 +2756,22 @@ class Picture:
 
     def crop(self, box, size: int) -> np.ndarray:
         """The box (x0, y0, x1, y1) of the upright full-resolution picture, bicubic-resampled to
-        uint8 (size, size, 3): the pixels of resizing the whole picture so that the box becomes
-        size x size and cutting it out, for a fraction of the work.
+        uint8 (size, size, 3): what resizing the whole picture so that the box becomes size x
+        size and cutting it out gives, for the work of the box alone.
 
-        Only the pixels the filter reads are resampled: bicubic reads 2 either side of an
-        output pixel's centre, times the scale when shrinking, so a 1x30000 image costs what a
-        small one does, and the box Pillow is given (as float32) stays small, so exact. libjpeg
-        and reduce() round partial blocks at the right and bottom up to a whole pixel, so the
-        pixels may reach a little past (width, height) / scale: the box stops at the picture's
-        true edge. The two passes of a part are made one at a time, so that their order does not
-        depend on Pillow's version: horizontal first, as Pillow before 13 did for the whole
-        picture; vertical first for a narrow and tall box (Pillow before 13 went through an
-        intermediate image size / width times the source)."""
+        Only the pixels the filter reads are resampled (2 either side of an output pixel's
+        centre, times the scale when shrinking), so the box Pillow is given (as float32) stays
+        small and exact. A part is resampled one pass at a time, horizontal first, as Pillow
+        before 13 resized a whole picture, so that results do not depend on Pillow's version;
+        vertical first for a narrow and tall box, which spares Pillow before 13 an intermediate
+        image size / width times the source."""
         Image, _ = _import_pil()
         x0, y0, x1, y1 = (v / self.scale for v in box)
         mx = math.ceil(2 * max((x1 - x0) / size, 1)) + 1
         my = math.ceil(2 * max((y1 - y0) / size, 1)) + 1
-        rows, cols = self.pixels.shape[:2]
+        # libjpeg and reduce() round partial blocks up: pixels may reach past (width, height)
         c0, r0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
-        c1, r1 = min(cols, math.ceil(x1) + mx), min(rows, math.ceil(y1) + my)
+        c1, r1 = math.ceil(x1) + mx, math.ceil(y1) + my
         img = Image.fromarray(np.ascontiguousarray(self.pixels[r0:r1, c0:c1]))
         x0, y0, x1, y1 = x0 - c0, y0 - r0, x1 - c0, y1 - r0
         cols, rows = img.size
@@ -2841,9 +2786,8 @@ class Picture:
         return np.asarray(img)
 
     def evaluation(self, size: int = 224, resize: str = "crop") -> np.ndarray:
-        """The evaluation crop, uint8 (size, size, 3): preprocess's pixels. resize="crop": the
-        paper's geometry, the shorter side to int(size / 0.875), then the centre size x size;
-        "squash": the whole picture to size x size."""
+        """preprocess's pixels, uint8 (size, size, 3). resize="crop": the paper's geometry, the
+        shorter side to int(size / 0.875), then the centre size x size; "squash": all of it."""
         w, h = self.width, self.height
         if resize == "squash":
             return self.crop((0, 0, w, h), size)
@@ -2856,9 +2800,8 @@ class Picture:
 
 
 def preprocess_reduction(size: int, resize: str = "crop"):
-    """The max_reduction (see Picture.open) that preprocess decodes with: a picture may shrink
-    until its shorter side is REDUCED_MARGIN times what the resize needs. Checks size and
-    resize."""
+    """preprocess's max_reduction (Picture.open), size and resize checked: a picture may shrink
+    until its shorter side is REDUCED_MARGIN times what the resize needs."""
     size = positive_int(size, "size")
     if size > MAX_IMAGE_SIZE:  # the output alone would be size * size * 12 bytes
         raise MixerError(f"size {size} is more than {MAX_IMAGE_SIZE} pixels a side: a Mixer "
@@ -2870,12 +2813,9 @@ def preprocess_reduction(size: int, resize: str = "crop"):
 
 
 def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False) -> np.ndarray:
-    """A path or PIL image -> float32 (size, size, 3) in [-1, 1]: Picture.open, then the
-    evaluation crop (Picture.evaluation), as x / 127.5 - 1.
-
-    An image more than twice as large as the resize needs (a camera's photo) is decoded at
-    reduced scale (preprocess_reduction); exact=True decodes at full resolution: bit-for-bit
-    the reference preprocessing. Bad input is a MixerError (see Picture.open)."""
+    """A path or PIL image -> float32 (size, size, 3) in [-1, 1]: Picture.open at
+    preprocess_reduction (exact=True: at full resolution, bit-for-bit the reference
+    preprocessing), Picture.evaluation, x / 127.5 - 1."""
     reduction = preprocess_reduction(size, resize)
     picture = Picture.open(image, None if exact else reduction)
     return picture.evaluation(size, resize).astype(np.float32) / 127.5 - 1.0
@@ -2889,11 +2829,9 @@ def _to_rgb(img):
         if not np.isfinite(a).all():  # float images can hold them; no 8-bit value stands for them
             raise ValueError("it holds NaN or infinite pixel values")
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(a, mode="L")
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
-        # by way of RGBA, as Pillow asks (else it warns on stderr); the alpha is then dropped
-        img = img.convert("RGBA")
+        img = img.convert("RGBA")  # as Pillow asks (else it warns); the alpha is then dropped
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -2911,22 +2849,18 @@ def _import_pil():
     return Image, ImageOps
 
 
-# Decoding many images (Mixer.classify): a thread pool works AHEAD_BATCHES batches ahead of the
-# model, so that decoding batch k + 1 overlaps the forward of batch k. Pillow releases the GIL
-# while it decodes and resamples, so the threads use every core. Threads: one per core, at most
-# 8 (beyond that the model, not decoding, sets the pace, and each thread holds a decoded image).
+# Mixer.classify decodes in threads (Pillow releases the GIL), AHEAD_BATCHES batches ahead of
+# the model; at most 8, beyond which the model sets the pace and each holds a decoded image.
 DECODE_THREADS = min(os.cpu_count() or 1, 8)
 AHEAD_BATCHES = 2
 
 
 def decode_ahead(images, batch_size: int, decode):
     """Batches of [(index, image, decode(image) or the MixerError it raised)] in input order.
-    `images` (any iterator) is read in the calling thread, batch_size at a time, as the pool
-    needs them: memory holds the batch handed out and AHEAD_BATCHES more. Paths are decoded in
-    the pool; PIL images here, as they arrive (an object the caller holds is never used by two
-    threads). Closing the generator (or an exception, Ctrl-C) cancels what has not started and
-    waits for the decodes running, each a fraction of a second: no thread outlives it."""
-    from collections import deque
+    `images` (any iterator) is read in the calling thread as the pool needs them: memory holds
+    the batch handed out and AHEAD_BATCHES more. Paths are decoded in the pool, PIL images here
+    (an object the caller holds is never used by two threads). Closing the generator (or an
+    exception, Ctrl-C) cancels what has not started and waits for the decodes running."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     def outcome(image):
@@ -2935,26 +2869,25 @@ def decode_ahead(images, batch_size: int, decode):
         except MixerError as e:
             return e
 
-    def now(image):
+    def submit(image):
+        if isinstance(image, (str, bytes, os.PathLike)):
+            return pool.submit(outcome, image)
         future = Future()
         future.set_result(outcome(image))
         return future
 
-    numbered = enumerate(images)
+    numbered, pending = enumerate(images), []
     pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="mixer-decode")
-    pending = deque()
     try:
         while True:
             while len(pending) <= AHEAD_BATCHES:
                 chunk = list(itertools.islice(numbered, batch_size))
                 if not chunk:
                     break
-                pending.append([(i, image, pool.submit(outcome, image) if
-                                 isinstance(image, (str, bytes, os.PathLike)) else now(image))
-                                for i, image in chunk])
+                pending.append([(i, image, submit(image)) for i, image in chunk])
             if not pending:
                 return
-            yield [(i, image, future.result()) for i, image, future in pending.popleft()]
+            yield [(i, image, future.result()) for i, image, future in pending.pop(0)]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -2972,26 +2905,15 @@ SHOW_GAP = 1  # pixels between units
 SHOW_BACKGROUND = (128, 128, 128)  # grey: white is a weight of 0
 
 
-def diverging_rgb(t: np.ndarray) -> np.ndarray:
-    """uint8 RGB (..., 3) for t in [-1, 1]: blue (-1), white (0), red (+1), linear between."""
-    t = np.clip(np.asarray(t, np.float64), -1, 1)
-    rgb = np.stack([1 - np.maximum(-t, 0), 1 - np.abs(t), 1 - np.maximum(t, 0)], axis=-1)
-    return np.rint(255 * rgb).astype(np.uint8)
-
-
 def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = SHOW_UNITS,
                  cell: int | None = None) -> tuple[int, int]:
-    """Draws the first token-mixing Dense of the first `blocks` Mixer blocks to the PNG `path`
-    (written atomically) and returns its (width, height), as in the paper's Figure 5.
-
-    That Dense's kernel is (S, D_S): column u is what hidden unit u weighs each of the S = g x g
-    patch positions with, so each unit is drawn as a g x g map of its weights (row-major, as the
-    patches are ordered), each position a square of `cell` pixels (default: 56 // g, at least 1,
-    at most 8): blue for negative, white for 0, red for positive, each unit scaled by its own
-    max |w| (so only the pattern compares between units). The first `units` units of each block
-    (the paper shows every unit, in pairs sorted by frequency), SHOW_COLUMNS per row, SHOW_GAP
-    pixels apart, on a grey ground; each block a band: a SHOW_LABEL-pixel label, then its rows,
-    then SHOW_PAD pixels. Blocks and units beyond the model's are left out."""
+    """The paper's Figure 5: the first token-mixing Dense of the first `blocks` blocks drawn to
+    the PNG `path` (atomically); returns its (width, height). Its kernel is (S, D_S): unit u
+    is drawn as the g x g map (row-major, as patches are) of its weights over the S = g x g
+    patch positions, `cell` pixels each (default 56 // g, 1 to 8); blue < 0, white 0, red > 0,
+    scaled to the unit's max |w|. The first `units` units (the paper shows all, paired and
+    sorted by frequency), SHOW_COLUMNS a row, SHOW_GAP apart; per block a SHOW_LABEL-pixel
+    label, its rows, SHOW_PAD pixels."""
     if not isinstance(model, Mixer):
         raise MixerError(f"show_weights() draws a mixer.Mixer, got {type(model).__name__}")
     blocks = min(positive_int(blocks, "blocks"), model.config.num_blocks)
@@ -3009,8 +2931,9 @@ def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = S
         kernel = model._ops.numpy(model.params[f"MixerBlock_{b}/token_mixing/Dense_0/kernel"])
         kernel = np.asarray(kernel, np.float64)[:, :units]  # (S, units)
         scale = np.abs(kernel).max(axis=0)
-        t = kernel / np.where(scale > 0, scale, 1)  # a unit of zeros is all white
-        maps = diverging_rgb(t.T.reshape(units, g, g))  # (units, g, g, 3): token i*g + j at (i, j)
+        t = (kernel / np.where(scale > 0, scale, 1)).T.reshape(units, g, g)  # token i*g+j at (i, j)
+        rgb = np.stack([1 - np.maximum(-t, 0), 1 - np.abs(t), 1 - np.maximum(t, 0)], axis=-1)
+        maps = np.rint(255 * rgb).astype(np.uint8)  # (units, g, g, 3): blue, white, red
         maps = maps.repeat(cell, axis=1).repeat(cell, axis=2)  # nearest-neighbour upscaling
         for u in range(units):
             y = SHOW_PAD + b * band + SHOW_LABEL + (u // SHOW_COLUMNS) * (tile + SHOW_GAP)
@@ -3034,9 +2957,8 @@ def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = S
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the programs: a bad argument is one line on stderr, as every other bad
-    input is ("PROG: error: MESSAGE (PROG --help shows the usage)", status 2), instead of
-    argparse's usage block."""
+    """argparse whose bad argument is one line, status 2, as other bad input is, instead of
+    argparse's usage block: "PROG: error: MESSAGE (PROG --help shows the usage)"."""
 
     def error(self, message):
         _fail(self.prog, f"error: {printable(message)} ({self.prog} --help shows the usage)", 2)
@@ -3095,8 +3017,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k=5, resize=None,
             json=False, dtype="float32", jsonl=False, exact_decode=False, quantize=None):
-    """The CLI as a function: returns the text it prints on stdout (files that cannot be read,
-    among several, are reported on stderr and left out, as the CLI does)."""
+    """The CLI as a function: the text it prints on stdout (unreadable files among several are
+    reported on stderr and left out, as there)."""
     chunks = []
     _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
                   exact_decode, chunks.append, quantize=quantize)
@@ -3141,11 +3063,9 @@ def _cli_model(weights, variant, source, backend, dtype, quantize=None):
 
 def _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
                   exact_decode, write, stderr=None, quantize=None) -> int:
-    """The command line's work: each image's result passed to write() (a str ending in a
-    newline) as soon as it is ready, in input order. Returns the number of inputs skipped:
-    files that could not be read and folders without images, each reported on stderr in one
-    line. With a single file argument, an unreadable file is a MixerError instead (nothing
-    printed); so is an argument list that holds no image at all."""
+    """Each image's result to write() (a str ending in a newline) as soon as it is ready, in
+    input order; returns how many inputs were skipped (unreadable files, folders without
+    images: a line each on stderr). An unreadable single file, or no image at all, is an error."""
     stderr = stderr or sys.stderr
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise MixerError(f"--top-k must be at least 1, got {top_k}")
@@ -3209,9 +3129,7 @@ def _classify_cli(images, weights, variant, source, backend, top_k, resize, json
 
 
 def _entry(path, top) -> dict:
-    """One image in --json and --jsonl. ensure_ascii (the default) escapes every control
-    character, so the document is safe on a terminal; allow_nan=False where it is written:
-    never the invalid JSON `NaN` (classify refuses non-finite outputs)."""
+    """One image in --json and --jsonl (ensure_ascii: control characters escaped)."""
     if isinstance(top, MixerError):
         return {"image": path, "error": str(top)}
     return {"image": path, "top_k": [{"index": i, "label": label, "probability": p}
@@ -3219,11 +3137,9 @@ def _entry(path, top) -> dict:
 
 
 def _image_paths(arguments) -> tuple[list, list]:
-    """The command line's images: (paths, problems). A file argument is kept as given (whatever
-    its name: Picture.open says whether it is an image); a folder gives its image files by
-    extension, searched recursively without following links to folders (so a link loop
-    cannot hang it), hidden files and folders skipped, sorted. problems: one line each for a
-    folder holding no image file and a subfolder that cannot be listed."""
+    """(paths, problems): file arguments as given; a folder's image files by extension, found
+    recursively without following links (no loop), hidden ones skipped, sorted. A problem is a
+    line for a folder without images or one that cannot be listed."""
     paths, problems = [], []
     for argument in arguments:
         if not os.path.isdir(argument):
@@ -3247,12 +3163,10 @@ def _image_paths(arguments) -> tuple[list, list]:
 
 
 class _Progress:
-    """Progress on stderr: of `total` images classified, progress(done); or of a download
-    named `name`, progress(done, total) as download() calls it. On a terminal: one line
-    redrawn in place at most 10 times a second (and at the end), the figures with the rate
-    (and a download's bar and time left); clear() takes it away while other lines are written.
-    Elsewhere (a log, a pipe), a download only: a line when it starts, then one at most every
-    `interval` seconds, so that a slow download shows it is alive and a log stays short."""
+    """Progress on stderr, of `total` images (progress(done)) or of a download named `name`
+    (progress(done, total)). On a terminal, a line redrawn in place at most 10 times a second
+    (clear() while other lines are written); in a log, a download's line at its start, then
+    one at most every `interval` seconds: alive, yet short."""
 
     def __init__(self, stream, total=None, name=None, interval=30.0, clock=time.monotonic):
         self.stream, self.tty, self.total, self.name = stream, stream.isatty(), total, name
@@ -3326,8 +3240,8 @@ def _duration(seconds: float) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C by run_main's handlers so that the same clean-up
-    runs (temporary files removed, state saved); `signum` says which."""
+    """SIGTERM or SIGHUP (`signum`), raised like Ctrl-C by run_main so that the same clean-up
+    runs."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -3335,12 +3249,10 @@ class Terminated(KeyboardInterrupt):
 
 
 def run_main(prog: str, body) -> int:
-    """Runs a command-line program's body() -> exit status, so that no input makes it print a
-    traceback: a MixerError (bad input) or an OSError (a file, a full disk) is one line and
-    status 2; Ctrl-C is one line and 130; SIGTERM and SIGHUP run the same clean-up as Ctrl-C and
-    exit 128 + their number; a closed stdout (`| head`) ends quietly. Anything else is a bug:
-    one line saying so (MIXER_DEBUG=1 shows the traceback), status 1. The signal handlers are
-    installed for the call only and restored afterwards."""
+    """Runs a program's body() -> exit status, never a traceback: a MixerError or OSError is one
+    line and 2; Ctrl-C one line and 130; SIGTERM and SIGHUP (handlers installed for the call
+    only) the same clean-up and 128 + their number; a closed stdout (`| head`) quietly 141; a
+    bug one line and 1 (MIXER_DEBUG=1 shows the traceback)."""
     def terminate(signum, frame):
         raise Terminated(signum)
     old = {}
