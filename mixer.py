@@ -2456,14 +2456,14 @@ def download_deadline() -> float:
 def pretrained(variant: str, source: str | None = None, backend: str | None = None,
                progress=None, dtype: str = "float32", quantize: str | None = None) -> Mixer:
     """The official checkpoint of a variant, downloaded, checked and converted on first use
-    (with its label names: find_labels, else download_labels, else class indices), then loaded
-    from cache_path() offline. A cached file that is not that variant's architecture and head,
-    or names another source, is an error that says to delete it. progress: see download."""
+    (with its label names: find_labels, else download_labels, else none), then loaded from
+    cache_path() with no network access. A cached file that is not that variant's architecture
+    and head, or names another source, is an error that says to delete it. progress: see
+    download."""
     checkpoint = official_checkpoint(variant, source)
     get_ops(backend, dtype)  # an unusable backend or dtype fails here, before any download
     path = cache_path(checkpoint)
-    fresh = not os.path.exists(path)
-    if fresh:
+    if not os.path.exists(path):
         _download_official(variant, checkpoint, path, progress)
     elif not os.path.isfile(path):  # reading a FIFO would wait for ever, a folder cannot be read
         raise MixerError(f"{path}, the cache of {checkpoint}, is not a regular file: delete it "
@@ -2483,23 +2483,19 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
         raise MixerError(f"{path} holds {held}, not {_describe(expected)} from {checkpoint}: it "
                          f"is not the cached download of Mixer-{variant}; delete it to download "
                          f"{checkpoint} again (or set MIXER_HOME to another folder)")
-    if model.labels is None and not fresh:  # converted where the names were missing
-        model.labels = _official_labels(model.config.num_classes)
+    if model.labels is None:  # converted without names; a label file may be here now
+        model.labels = find_labels("auto", model.config.num_classes)
     return model
 
 
-def _official_labels(num_classes: int) -> list[str] | None:
-    """find_labels("auto"), else the official list downloaded; None where neither works."""
-    spec = next(name for name, n in LABEL_SETS.items() if n == num_classes)
-    with contextlib.suppress(MixerError):
-        return find_labels("auto", num_classes) or download_labels(spec)
-    return None
+def _label_set(checkpoint: str) -> str:
+    """The label set of a released file's head: imagenet21k for those files, else imagenet1k."""
+    return "imagenet21k" if checkpoint.startswith("imagenet21k/") else "imagenet1k"
 
 
 def _expected_config(variant: str, checkpoint: str) -> MixerConfig:
-    """A released file's architecture: the variant's, with a 21843- or 1000-way head."""
-    classes = LABEL_SETS["imagenet21k" if checkpoint.startswith("imagenet21k/") else "imagenet1k"]
-    return dataclasses.replace(VARIANTS[variant], num_classes=classes)
+    """A released file's architecture: the variant's, with its label set's head."""
+    return dataclasses.replace(VARIANTS[variant], num_classes=LABEL_SETS[_label_set(checkpoint)])
 
 
 def _describe(config: MixerConfig) -> str:
@@ -2537,11 +2533,13 @@ def _download_official(variant, checkpoint, path, progress):
             download(url, npz, progress=progress, max_size=8 * floats + 2**20)
         except MixerError as e:
             raise MixerError(f"{e}. {_offline_hint(checkpoint, path)}") from None
-        model = load_npz(npz, backend="numpy", labels=None, name=url)
+        model = load_npz(npz, backend="numpy", labels="auto", name=url)
         if model.config != expected:
             raise MixerError(f"{url} holds {_describe(model.config)}, not the expected "
                              f"{_describe(expected)}; refusing to cache it")
-        model.labels = _official_labels(expected.num_classes)
+        if model.labels is None:
+            with contextlib.suppress(MixerError):  # without them: class indices, and a note
+                model.labels = download_labels(_label_set(checkpoint))
         model.save(path, source=checkpoint)
 
 
@@ -2694,7 +2692,8 @@ def file_signature(file) -> tuple:
 
 @dataclass(frozen=True)
 class Picture:
-    """An image decoded once, to be cropped as often as wanted (preprocess, training crops)."""
+    """An image decoded once, to be cropped as often as wanted (training crops; preprocess
+    decodes and crops once, the same way, without the copy into `pixels`)."""
 
     pixels: np.ndarray  # uint8 RGB (rows, columns, 3), upright, read-only, at 1/scale of
     scale: int
@@ -2710,93 +2709,116 @@ class Picture:
         at 1/2, 1/4 or 1/8 scale by libjpeg (draft mode), the rest box-reduced (Image.reduce).
         Refused with a MixerError: anything but a path or a PIL image, not a regular file, not
         an image Pillow can decode, more pixels than PIL.Image.MAX_IMAGE_PIXELS."""
-        Image, _ = _import_pil()
-        is_path = isinstance(image, (str, bytes, os.PathLike))
-        if not is_path and not isinstance(image, Image.Image):
-            raise MixerError(f"expected an image file's path or a PIL image, got "
-                             f"{type(image).__name__} (a preprocessed array goes straight to "
-                             f"the model as a batch (B, H, W, 3))")
-        name = printable(os.fsdecode(image)) if is_path else "image"
-        try:
-            if not is_path:
-                return cls._decode(image, name, max_reduction, None)
-            with open_regular(image, name, "an image") as f, Image.open(f) as img:
-                return cls._decode(img, name, max_reduction, file_signature(f.fileno()))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            # the warning arrives as an exception where warnings are errors (the command line)
-            raise MixerError(f"{name}: {e} (Pillow's limit: raise PIL.Image.MAX_IMAGE_PIXELS "
-                             f"to read an image this large that you trust)") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise MixerError(printable(f"{name}: cannot read the image ({e})")) from None
-
-    @classmethod
-    def _decode(cls, img, name, max_reduction, signature) -> "Picture":
-        Image, ImageOps = _import_pil()
-        w, h = img.size  # read from the header: nothing decoded yet
-        limit = Image.MAX_IMAGE_PIXELS  # Pillow itself only warns between 1x and 2x its limit
-        if not w or not h or limit is not None and w * h > limit:
-            raise MixerError(f"{name}: the image has no pixels ({w}x{h})" if not w or not h else
-                             f"{name}: {w}x{h} is {w * h} pixels, more than Pillow's limit of "
-                             f"{limit} (raise PIL.Image.MAX_IMAGE_PIXELS to read an image "
-                             f"this large that you trust)")
-        most, scale = max_reduction(w, h) if max_reduction else 1, 1
-        # draft changes the image object: only ours (a file's), never the caller's
-        if most >= 2 and signature is not None and img.format in ("JPEG", "MPO"):
-            drafted = img.draft(img.mode, (math.ceil(w / most), math.ceil(h / most)))
-            if drafted:  # the full image's box, in decoded pixels
-                scale = round(w / drafted[1][2])
-        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
-            w, h = h, w
-        img = _to_rgb(ImageOps.exif_transpose(img))
-        if int(most / scale) >= 2:  # after _to_rgb: averaged palette indices mean nothing
-            img, scale = img.reduce(int(most / scale)), scale * int(most / scale)
+        img, scale, width, height, signature = _decode(image, max_reduction)
         pixels = np.asarray(img)
         pixels.flags.writeable = False  # shared by the threads that crop it
-        return cls(pixels, scale, w, h, signature)
+        return cls(pixels, scale, width, height, signature)
 
     def crop(self, box, size: int) -> np.ndarray:
         """The box (x0, y0, x1, y1) of the upright full-resolution picture, bicubic-resampled to
         uint8 (size, size, 3): what resizing the whole picture so that the box becomes size x
-        size and cutting it out gives, for the work of the box alone.
-
-        Only the pixels the filter reads are resampled (2 either side of an output pixel's
-        centre, times the scale when shrinking), so the box Pillow is given (as float32) stays
-        small and exact. A part is resampled one pass at a time, horizontal first, as Pillow
-        before 13 resized a whole picture, so that results do not depend on Pillow's version;
-        vertical first for a narrow and tall box, which spares Pillow before 13 an intermediate
-        image size / width times the source."""
-        Image, _ = _import_pil()
-        x0, y0, x1, y1 = (v / self.scale for v in box)
-        mx = math.ceil(2 * max((x1 - x0) / size, 1)) + 1
-        my = math.ceil(2 * max((y1 - y0) / size, 1)) + 1
-        # libjpeg and reduce() round partial blocks up: pixels may reach past (width, height)
-        c0, r0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
-        c1, r1 = math.ceil(x1) + mx, math.ceil(y1) + my
-        img = Image.fromarray(np.ascontiguousarray(self.pixels[r0:r1, c0:c1]))
-        x0, y0, x1, y1 = x0 - c0, y0 - r0, x1 - c0, y1 - r0
-        cols, rows = img.size
-        if x1 - x0 < size < y1 - y0:
-            img = img.resize((cols, size), Image.BICUBIC, box=(0, y0, cols, y1))
-            img = img.resize((size, size), Image.BICUBIC, box=(x0, 0, x1, size))
-        elif tuple(box) == (0, 0, self.width, self.height):  # all of it: as Image.resize does
-            img = img.resize((size, size), Image.BICUBIC, box=(x0, y0, x1, y1))
-        else:
-            img = img.resize((size, rows), Image.BICUBIC, box=(x0, 0, x1, rows))
-            img = img.resize((size, size), Image.BICUBIC, box=(0, y0, size, y1))
-        return np.asarray(img)
+        size and cutting it out gives, for the work of the box alone (see _resample)."""
+        whole = tuple(box) == (0, 0, self.width, self.height)
+        return _resample(self.pixels, [v / self.scale for v in box], size, whole)
 
     def evaluation(self, size: int = 224, resize: str = "crop") -> np.ndarray:
-        """preprocess's pixels, uint8 (size, size, 3). resize="crop": the paper's geometry, the
-        shorter side to int(size / 0.875), then the centre size x size; "squash": all of it."""
-        w, h = self.width, self.height
-        if resize == "squash":
-            return self.crop((0, 0, w, h), size)
-        short = int(size / 0.875)
-        new = (short, max(short, round(h * short / w))) if w <= h else \
-            (max(short, round(w * short / h)), short)
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        sx, sy = w / new[0], h / new[1]
-        return self.crop((left * sx, top * sy, (left + size) * sx, (top + size) * sy), size)
+        """preprocess's pixels, uint8 (size, size, 3) (see evaluation_box)."""
+        return self.crop(evaluation_box(self.width, self.height, size, resize), size)
+
+
+def _decode(image, max_reduction):
+    """Picture.open's work: (RGB PIL image, scale, width, height, signature)."""
+    Image, _ = _import_pil()
+    is_path = isinstance(image, (str, bytes, os.PathLike))
+    if not is_path and not isinstance(image, Image.Image):
+        raise MixerError(f"expected an image file's path or a PIL image, got "
+                         f"{type(image).__name__} (a preprocessed array goes straight to the "
+                         f"model as a batch (B, H, W, 3))")
+    name = printable(os.fsdecode(image)) if is_path else "image"
+    try:
+        if not is_path:
+            return _decode_opened(image, name, max_reduction, None)
+        with open_regular(image, name, "an image") as f, Image.open(f) as img:
+            return _decode_opened(img, name, max_reduction, file_signature(f.fileno()))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # the warning arrives as an exception where warnings are errors (the command line)
+        raise MixerError(f"{name}: {e} (Pillow's limit: raise PIL.Image.MAX_IMAGE_PIXELS to "
+                         f"read an image this large that you trust)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MixerError(printable(f"{name}: cannot read the image ({e})")) from None
+
+
+def _decode_opened(img, name, max_reduction, signature):
+    Image, ImageOps = _import_pil()
+    w, h = img.size  # read from the header: nothing decoded yet
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow itself only warns between 1x and 2x its limit
+    if not w or not h or limit is not None and w * h > limit:
+        raise MixerError(f"{name}: the image has no pixels ({w}x{h})" if not w or not h else
+                         f"{name}: {w}x{h} is {w * h} pixels, more than Pillow's limit of "
+                         f"{limit} (raise PIL.Image.MAX_IMAGE_PIXELS to read an image this "
+                         f"large that you trust)")
+    most, scale = max_reduction(w, h) if max_reduction else 1, 1
+    # draft changes the image object: only ours (a file's), never the caller's
+    if most >= 2 and signature is not None and img.format in ("JPEG", "MPO"):
+        drafted = img.draft(img.mode, (math.ceil(w / most), math.ceil(h / most)))
+        if drafted:  # the full image's box, in decoded pixels
+            scale = round(w / drafted[1][2])
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
+        w, h = h, w
+    img = _to_rgb(ImageOps.exif_transpose(img))
+    if int(most / scale) >= 2:  # after _to_rgb: averaged palette indices mean nothing
+        img, scale = img.reduce(int(most / scale)), scale * int(most / scale)
+    img.load()  # while the file is open
+    return img, scale, w, h, signature
+
+
+def evaluation_box(width: int, height: int, size: int, resize: str = "crop") -> tuple:
+    """preprocess's source box in a width x height picture. resize="crop": the paper's
+    geometry, the shorter side resized to int(size / 0.875), then the centre size x size;
+    "squash": all of it."""
+    if resize == "squash":
+        return 0, 0, width, height
+    short = int(size / 0.875)
+    new = (short, max(short, round(height * short / width))) if width <= height else \
+        (max(short, round(width * short / height)), short)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    sx, sy = width / new[0], height / new[1]
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def _resample(source, box, size: int, whole: bool) -> np.ndarray:
+    """The box (x0, y0, x1, y1) of a uint8 RGB array or PIL image, bicubic-resampled to uint8
+    (size, size, 3); whole: the box is all of the picture (one resize, as Image.resize).
+
+    Only the pixels the filter reads are cut out and resampled (2 either side of an output
+    pixel's centre, times the scale when shrinking), so the box Pillow is given (as float32)
+    stays small and exact. A part is resampled one pass at a time, horizontal first, as Pillow
+    before 13 resized a whole picture, so that results do not depend on Pillow's version;
+    vertical first for a narrow and tall box, which spares Pillow before 13 an intermediate
+    image size / width times the source."""
+    Image, _ = _import_pil()
+    x0, y0, x1, y1 = box
+    mx = math.ceil(2 * max((x1 - x0) / size, 1)) + 1
+    my = math.ceil(2 * max((y1 - y0) / size, 1)) + 1
+    cols, rows = source.size if isinstance(source, Image.Image) else source.shape[1::-1]
+    # libjpeg and reduce() round partial blocks up: pixels may reach a little past the box
+    c0, r0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
+    c1, r1 = min(cols, math.ceil(x1) + mx), min(rows, math.ceil(y1) + my)
+    if isinstance(source, np.ndarray):
+        img = Image.fromarray(np.ascontiguousarray(source[r0:r1, c0:c1]))
+    else:
+        img = source if (c0, r0, c1, r1) == (0, 0, cols, rows) else source.crop((c0, r0, c1, r1))
+    x0, y0, x1, y1 = x0 - c0, y0 - r0, x1 - c0, y1 - r0
+    cols, rows = img.size
+    if x1 - x0 < size < y1 - y0:
+        img = img.resize((cols, size), Image.BICUBIC, box=(0, y0, cols, y1))
+        img = img.resize((size, size), Image.BICUBIC, box=(x0, 0, x1, size))
+    elif whole:
+        img = img.resize((size, size), Image.BICUBIC, box=(x0, y0, x1, y1))
+    else:
+        img = img.resize((size, rows), Image.BICUBIC, box=(x0, 0, x1, rows))
+        img = img.resize((size, size), Image.BICUBIC, box=(0, y0, size, y1))
+    return np.asarray(img)
 
 
 def preprocess_reduction(size: int, resize: str = "crop"):
@@ -2813,12 +2835,13 @@ def preprocess_reduction(size: int, resize: str = "crop"):
 
 
 def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False) -> np.ndarray:
-    """A path or PIL image -> float32 (size, size, 3) in [-1, 1]: Picture.open at
+    """A path or PIL image -> float32 (size, size, 3) in [-1, 1]: decoded as Picture.open at
     preprocess_reduction (exact=True: at full resolution, bit-for-bit the reference
-    preprocessing), Picture.evaluation, x / 127.5 - 1."""
+    preprocessing), cropped to evaluation_box, x / 127.5 - 1: Picture.evaluation's pixels."""
     reduction = preprocess_reduction(size, resize)
-    picture = Picture.open(image, None if exact else reduction)
-    return picture.evaluation(size, resize).astype(np.float32) / 127.5 - 1.0
+    img, scale, width, height, _ = _decode(image, None if exact else reduction)
+    box = [v / scale for v in evaluation_box(width, height, size, resize)]
+    return _resample(img, box, size, resize == "squash").astype(np.float32) / 127.5 - 1.0
 
 
 def _to_rgb(img):

@@ -221,7 +221,7 @@ def test_the_cache_returns_what_a_fresh_decode_returns(photos, pool, monkeypatch
     for f in split.files[:3]:
         for _ in range(2):
             np.testing.assert_array_equal(plain.decode(f, 0), mixer.preprocess(f, size=32))
-    assert len(calls) == 24 + 3 + 6  # once each for the loader, every time for preprocess
+    assert len(calls) == 24 + 3  # once each: the second time from the cache
     assert cache.used == 8 * 150 * 200 * 3 + 3 * 32 * 32 * 3
 
 
