@@ -1952,23 +1952,23 @@ OFFICIAL_CHECKPOINTS = {
              "imagenet21k": "imagenet21k/Mixer-L_16.npz"},
 }
 WEIGHTS_URL = "https://storage.googleapis.com/mixer_models/"  # MIXER_WEIGHTS_URL overrides
-# Label sets by head size (ILSVRC-2012 order; Google's ImageNet-21k order), as text files with
-# one name per line in class order.
+# Label sets by head size (ILSVRC-2012 order; Google's ImageNet-21k order): text files with one
+# name per line in class order, and the official lists that a lone copy of this file fetches.
 LABEL_SETS = {"imagenet1k": 1000, "imagenet21k": 21843}
+LABELS_URL = "https://storage.googleapis.com/bit_models/"  # MIXER_LABELS_URL overrides
+LABEL_FILES = {"imagenet1k": "ilsvrc2012_wordnet_lemmas.txt",
+               "imagenet21k": "imagenet21k_wordnet_lemmas.txt"}
 DOWNLOAD_ATTEMPTS = 3  # a dropped connection is retried (resumed) this many times in all
-# What ends a download that is not going to finish (each one an argument of download()):
 DOWNLOAD_STALL = 30.0  # seconds without a byte: the attempt fails (and is retried)
 DOWNLOAD_MIN_RATE = (64 * 1024, 60.0)  # fewer bytes in that many seconds: too slow (retried)
-DOWNLOAD_DEADLINE = 3600.0  # seconds for a whole download, retries included (a fixed limit,
-# not one derived from the size at the minimum rate, which would allow 65 hours for B/16);
-# MIXER_DOWNLOAD_TIMEOUT overrides it. At the deadline L/16's 876 MiB need 250 KiB/s.
+DOWNLOAD_DEADLINE = 3600.0  # seconds for it all, retries included (MIXER_DOWNLOAD_TIMEOUT)
 
 
 def labels_dirs() -> list[str]:
-    """Where label files are looked for: labels/ beside this file (a checkout), then where
-    `pip install` puts them. A copy of mixer.py without them reports class indices."""
+    """Where label files are looked for: labels/ beside this file (a checkout), where `pip
+    install` puts them, then the download cache (where a lone copy keeps those it fetched)."""
     return [os.path.join(os.path.dirname(os.path.abspath(__file__)), "labels"),
-            os.path.join(sys.prefix, "share", "mlp-mixer", "labels")]
+            os.path.join(sys.prefix, "share", "mlp-mixer", "labels"), cache_dir()]
 
 
 def read_labels(path: str) -> list[str]:
@@ -1982,31 +1982,26 @@ def read_labels(path: str) -> list[str]:
 
 
 def find_labels(spec: str | None, num_classes: int | None) -> list[str] | None:
-    """Class names for a head with num_classes outputs.
-
-    spec "auto": the ImageNet-1k names for 1000 classes, ImageNet-21k for 21843, else None; also
-    None when the label files are not found (callers then show class indices). "imagenet1k" or
-    "imagenet21k": that set, an error if not found. Any other string: a file, one name per line.
-    None or "none": no labels.
-    """
-    if spec is None or spec == "none":
-        return None
+    """Class names for a head with num_classes outputs. spec "auto": the label set of that
+    size, None where there is none or its file is not found (callers show class indices);
+    "imagenet1k" or "imagenet21k": that set, an error if not found; None or "none": no labels;
+    any other string: a file, one name per line."""
     auto = spec == "auto"
     if auto:
         spec = next((name for name, n in LABEL_SETS.items() if n == num_classes), None)
-        if spec is None:
-            return None
+    if spec is None or spec == "none":
+        return None
     if num_classes is None:
         raise MixerError(f"labels {spec!r} given for a model without a head")
     path = spec
     if spec in LABEL_SETS:
-        found = [os.path.join(d, spec + ".txt") for d in labels_dirs()]
-        found = [p for p in found if os.path.isfile(p)]
-        if not found and auto:
-            return None
-        if not found:
+        found = [p for p in (os.path.join(d, spec + ".txt") for d in labels_dirs())
+                 if os.path.isfile(p)]
+        if not found and not auto:
             raise MixerError(f"labels {spec!r} not found: expected {spec}.txt in "
                              f"{' or '.join(labels_dirs())}")
+        if not found:
+            return None
         path = found[0]
     labels = read_labels(path)
     if len(labels) != num_classes:
@@ -2015,11 +2010,34 @@ def find_labels(spec: str | None, num_classes: int | None) -> list[str] | None:
     return labels
 
 
+def download_labels(spec: str) -> list[str]:
+    """The official names of a label set (a key of LABEL_SETS) from MIXER_LABELS_URL (a folder
+    URL ending in /) or LABELS_URL, checked (UTF-8, one printable line per class) and cached as
+    SPEC.txt for find_labels; with spaces for the WordNet lemmas' underscores, as in labels/."""
+    url = _env_url("MIXER_LABELS_URL", LABELS_URL, "the label files") + LABEL_FILES[spec]
+    classes = LABEL_SETS[spec]
+    with _scratch_folder(cache_dir()) as scratch:
+        download(url, os.path.join(scratch, "labels"), max_size=256 * classes)
+        with open(os.path.join(scratch, "labels"), "rb") as f:
+            data = f.read()
+    try:
+        labels = data.decode("utf-8").replace("_", " ").splitlines()
+    except UnicodeDecodeError:
+        labels = []
+    if len(labels) != classes or not all(label.strip() and label.isprintable()
+                                         for label in labels):
+        raise MixerError(f"{url} is not {classes} class names, one per line of UTF-8 text "
+                         f"(found {len(data)} bytes, {len(data.splitlines())} lines); refusing "
+                         f"to use it")
+    with atomic_write(os.path.join(cache_dir(), spec + ".txt")) as f:
+        f.write(("\n".join(labels) + "\n").encode("utf-8"))
+    return labels
+
+
 class NpzFile(_OpenFile):
-    """An official checkpoint (.npz: an uncompressed zip of .npy arrays, written by numpy.savez)
-    opened with every member's header read and checked, nothing unpickled, and no array data
-    read until asked for (`read`): so a file that claims absurd shapes, hides a pickle, or is a
-    decompression bomb is refused before it costs memory. Errors name the file as `name`."""
+    """An official checkpoint (.npz: a zip of .npy arrays, by numpy.savez) opened with every
+    member's header checked, nothing unpickled, no data read until `read`: absurd shapes, a
+    pickle or a decompression bomb cost no memory. Errors name the file as `name`."""
 
     def __init__(self, path, name: str | None = None):
         self.name = name or os.fspath(path)
@@ -2032,7 +2050,7 @@ class NpzFile(_OpenFile):
                                  f"numpy.savez); found {magic!r} where a zip starts with "
                                  f"b'PK\\x03\\x04'")
             self._members = {}
-            with self._errors(None):
+            with self._errors("archive"):
                 self._zip = zipfile.ZipFile(self._file)
                 for info in self._zip.infolist():
                     self._add(info)
@@ -2041,8 +2059,7 @@ class NpzFile(_OpenFile):
             raise
 
     @contextlib.contextmanager
-    def _errors(self, key):
-        what = "archive" if key is None else f"array {key!r}"
+    def _errors(self, what):
         try:
             yield
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
@@ -2051,32 +2068,29 @@ class NpzFile(_OpenFile):
                              f"again") from None
 
     def _add(self, info):
-        if not info.filename.endswith(".npy") or info.is_dir():
-            raise MixerError(f"{self.name}: member {info.filename!r} is not a numpy array (.npy): not an "
-                             f"archive written by numpy.savez")
-        key = info.filename[:-len(".npy")]
-        if key in self._members:
-            raise MixerError(f"{self.name}: array {key!r} appears twice in the archive")
-        with self._errors(key), self._zip.open(info) as m:
-            shape, fortran, dtype = self._header(m, key)
-            offset = m.tell()
-        if dtype.hasobject:
-            raise MixerError(f"{self.name}: array {key!r} holds pickled Python objects; refusing "
-                             f"to load it (a checkpoint holds plain float arrays)")
-        if dtype.kind != "f":
-            raise MixerError(f"{self.name}: array {key!r} has dtype {dtype}, expected float32")
-        if len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
-            raise MixerError(f"{self.name}: array {key!r} has shape {shape}; a Mixer array has "
-                             f"at most 4 dimensions")
-        nbytes = dtype.itemsize * math.prod(shape)
-        if info.file_size != offset + nbytes:
-            raise MixerError(f"{self.name}: array {key!r} claims shape {shape} ({nbytes} bytes) "
-                             f"but its member holds {info.file_size - offset}: the archive is "
-                             f"corrupt or was crafted")
+        key = info.filename.removesuffix(".npy")
+        if key == info.filename or info.is_dir():
+            raise MixerError(f"{self.name}: member {info.filename!r} is not a numpy array "
+                             f"(.npy): not an archive written by numpy.savez")
+        with self._errors(f"array {key!r}"), self._zip.open(info) as m:
+            shape, fortran, dtype = self._header(m)
+            nbytes = info.file_size - m.tell()
+        problem = (
+            "appears twice in the archive" if key in self._members else
+            "holds pickled Python objects; refusing to load it (a checkpoint holds plain float "
+            "arrays)" if dtype.hasobject else
+            f"has dtype {dtype}, expected float32" if dtype.kind != "f" else
+            f"has shape {shape}; a Mixer array has at most 4 dimensions"
+            if len(shape) > _MAX_DIMS or any(d < 0 for d in shape) else
+            f"claims shape {shape} ({dtype.itemsize * math.prod(shape)} bytes) but its member "
+            f"holds {nbytes}: the archive is corrupt or was crafted"
+            if nbytes != dtype.itemsize * math.prod(shape) else None)
+        if problem:
+            raise MixerError(f"{self.name}: array {key!r} {problem}")
         self._members[key] = (info, shape, fortran, dtype)
 
     @staticmethod
-    def _header(m, key):
+    def _header(m):
         version = np.lib.format.read_magic(m)
         if version == (1, 0):
             return np.lib.format.read_array_header_1_0(m)
@@ -2085,16 +2099,14 @@ class NpzFile(_OpenFile):
         raise ValueError(f"unsupported .npy format version {version}")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every array's shape, by key, as the headers give them."""
         return {k: tuple(m[1]) for k, m in self._members.items()}
-
-    def keys(self):
-        return self._members.keys()
 
     def read(self, key: str, finite: bool = False) -> np.ndarray:
         """The array as float32 (finite: NaN and infinity refused, naming the array)."""
         info, shape, fortran, dtype = self._members[key]
-        with self._errors(key), self._zip.open(info) as m:
-            self._header(m, key)
+        with self._errors(f"array {key!r}"), self._zip.open(info) as m:
+            self._header(m)
             data = m.read(dtype.itemsize * math.prod(shape))
         a = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
         a = np.ascontiguousarray(a, dtype=np.float32)
@@ -2105,35 +2117,28 @@ class NpzFile(_OpenFile):
 
 
 def read_npz(path: str, name: str | None = None) -> dict[str, np.ndarray]:
-    """Every array of a numpy .npz archive as float32, never unpickling anything (see NpzFile
-    for the checks). Anything else is a MixerError naming the file as `name` (default: path)."""
+    """Every array of a numpy .npz archive as float32, checked as NpzFile does."""
     with NpzFile(path, name) as npz:
-        return {key: npz.read(key) for key in npz.keys()}
+        return {key: npz.read(key) for key in npz.shapes()}
 
 
 def load_npz(path: str, backend: str | None = None, labels: str | None = "auto",
              head: bool = True, name: str | None = None, dtype: str = "float32") -> Mixer:
-    """An official checkpoint (.npz, flat keys such as "stem/kernel") as a Mixer.
-
-    The architecture is read off the arrays' headers, so every released file (and any Mixer
-    saved the same way) loads without naming its variant; every key and shape is checked before
-    any array is read, and NaN or infinite values are refused. labels: see find_labels.
-    head=False drops the classifier: a feature extractor.
-    """
+    """An official checkpoint (.npz, flat keys such as "stem/kernel") as a Mixer, its
+    architecture read off the arrays' headers and checked before any array is read; NaN or
+    infinity refused. labels: see find_labels. head=False: a feature extractor."""
     with NpzFile(path, name) as npz:
-        name = npz.name
-        shapes = npz.shapes()
-        if not head:
-            shapes = {k: v for k, v in shapes.items() if k not in ("head/kernel", "head/bias")}
+        shapes = {k: v for k, v in npz.shapes().items()
+                  if head or k not in ("head/kernel", "head/bias")}
         if "stem/kernel" not in shapes:
             found = ", ".join(repr(k) for k in sorted(shapes)[:3]) or "no arrays"
-            raise MixerError(f"{name}: no 'stem/kernel' array, so not an official Mixer "
+            raise MixerError(f"{npz.name}: no 'stem/kernel' array, so not an official Mixer "
                              f"checkpoint (found {found}{', ...' if len(shapes) > 3 else ''})")
         try:
             config = infer_config(shapes)
         except MixerError as e:
-            raise MixerError(f"{name}: {e}") from None
-        check_shapes(config, shapes, name)
+            raise MixerError(f"{npz.name}: {e}") from None
+        check_shapes(config, shapes, npz.name)
         params = {key: npz.read(key, finite=True) for key in shapes}
     return Mixer(config, params, backend=backend, labels=find_labels(labels, config.num_classes),
                  dtype=dtype)
@@ -2148,19 +2153,16 @@ def official_checkpoint(variant: str, source: str | None = None) -> str:
     if released is None:
         raise MixerError(f"no official weights were released for Mixer-{variant}; released "
                          f"(variant: sources): {listing}")
-    if source is None:
-        return next(iter(released.values()))
-    if source not in released:
+    if source is not None and source not in released:
         raise MixerError(f"no {source!r} checkpoint of Mixer-{variant} was released; for "
                          f"{variant} use source {' or '.join(map(repr, released))} (--source) "
-                         f"(all released: "
-                         f"{listing})")
-    return released[source]
+                         f"(all released: {listing})")
+    return released[source] if source else next(iter(released.values()))
 
 
 def cache_dir() -> str:
-    """Where downloaded checkpoints are kept, converted: MIXER_HOME if set; else weights/ beside
-    this file when that folder exists and is writable (a checkout); else the user's cache."""
+    """Where downloads are kept: MIXER_HOME; else weights/ beside this file if writable (a
+    checkout); else the user's cache."""
     if os.environ.get("MIXER_HOME"):
         return os.environ["MIXER_HOME"]
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -2176,31 +2178,31 @@ def cache_dir() -> str:
 
 
 def cache_path(checkpoint: str) -> str:
-    """The cached conversion of a released file. The same file names repeat across the
-    release's folders, so the folder is part of the name: gsam-Mixer-B_16.safetensors."""
-    stem = checkpoint[:-len(".npz")] if checkpoint.endswith(".npz") else checkpoint
+    """The cached conversion of a released file, folder in the name (the file names repeat
+    across the release's folders): gsam-Mixer-B_16.safetensors."""
+    stem = checkpoint.removesuffix(".npz")
     return os.path.join(cache_dir(), stem.replace("/", "-") + ".safetensors")
 
 
 def weights_url() -> str:
-    """Where the released files are: MIXER_WEIGHTS_URL when set and not empty (a mirror, or a
-    file:// folder laid out like the release), else WEIGHTS_URL."""
-    url = os.environ.get("MIXER_WEIGHTS_URL") or WEIGHTS_URL
+    """MIXER_WEIGHTS_URL (a mirror, or a file:// folder laid out like the release), else
+    WEIGHTS_URL."""
+    return _env_url("MIXER_WEIGHTS_URL", WEIGHTS_URL, "the release")
+
+
+def _env_url(variable: str, default: str, what: str) -> str:
+    url = os.environ.get(variable) or default
     if not _is_download_url(url):
-        raise MixerError(f"MIXER_WEIGHTS_URL={_one_line(url)!r} is not an http://, https:// or "
-                         f"file:// URL: set it to a copy of the release laid out like "
-                         f"{WEIGHTS_URL}, or unset it")
-    return url
+        raise MixerError(f"{variable}={_one_line(url)!r} is not an http://, https:// or file:// "
+                         f"URL: set it to a copy of {what} laid out like {default}, or unset it")
+    return url.rstrip("/") + "/"
 
 
 def download_deadline() -> float:
-    """Seconds a whole download may take: MIXER_DOWNLOAD_TIMEOUT when set, else
-    DOWNLOAD_DEADLINE."""
+    """Seconds a download may take: MIXER_DOWNLOAD_TIMEOUT, else DOWNLOAD_DEADLINE."""
     value = os.environ.get("MIXER_DOWNLOAD_TIMEOUT") or ""
-    if not value:
-        return DOWNLOAD_DEADLINE
     try:
-        seconds = float(value)
+        seconds = float(value) if value else DOWNLOAD_DEADLINE
     except ValueError:
         seconds = math.nan
     if not 0 < seconds < math.inf:
@@ -2212,15 +2214,11 @@ def download_deadline() -> float:
 
 def pretrained(variant: str, source: str | None = None, backend: str | None = None,
                progress=None, dtype: str = "float32", quantize: str | None = None) -> Mixer:
-    """The official checkpoint of a variant (see OFFICIAL_CHECKPOINTS), downloaded, checked and
-    converted on first use, then loaded from cache_path() with no network access.
-
-    The cached file must hold what was asked for: the variant's architecture and head (21843
-    classes for imagenet21k, else 1000) and, when its metadata names its source, the released
-    file (or a file of that name converted from elsewhere). Anything else is an error that says
-    to delete it. progress(done, total) is called as the download proceeds (see download).
-    quantize: see load.
-    """
+    """The official checkpoint of a variant, downloaded, checked and converted on first use
+    (with its label names: find_labels, else download_labels, else none), then loaded from
+    cache_path() with no network access. A cached file that is not that variant's architecture
+    and head, or names another source, is an error that says to delete it. progress: see
+    download."""
     checkpoint = official_checkpoint(variant, source)
     get_ops(backend, dtype)  # an unusable backend or dtype fails here, before any download
     path = cache_path(checkpoint)
@@ -2235,9 +2233,7 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
         model = load(path, backend=backend, dtype=dtype, quantize=quantize)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
-    # A file put here by hand, or by another version, must not answer for this variant. It is
-    # refused rather than replaced: it may be someone's own work, and replacing it needs a
-    # download that may not be possible (offline) or wanted (hundreds of MiB).
+    # refused, not replaced: it may be someone's work, and a download may not be possible
     expected = _expected_config(variant, checkpoint)
     if model.config != expected or \
             found_source not in (None, checkpoint, os.path.basename(checkpoint)):
@@ -2246,16 +2242,19 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
         raise MixerError(f"{path} holds {held}, not {_describe(expected)} from {checkpoint}: it "
                          f"is not the cached download of Mixer-{variant}; delete it to download "
                          f"{checkpoint} again (or set MIXER_HOME to another folder)")
-    if model.labels is None:  # converted where the label files were missing; they may be here now
+    if model.labels is None:  # converted without names; a label file may be here now
         model.labels = find_labels("auto", model.config.num_classes)
     return model
 
 
+def _label_set(checkpoint: str) -> str:
+    """The label set of a released file's head: imagenet21k for those files, else imagenet1k."""
+    return "imagenet21k" if checkpoint.startswith("imagenet21k/") else "imagenet1k"
+
+
 def _expected_config(variant: str, checkpoint: str) -> MixerConfig:
-    """The architecture a released file has: the variant's, with ImageNet-21k's 21843-way head
-    for the imagenet21k files, else ImageNet-1k's 1000."""
-    classes = LABEL_SETS["imagenet21k" if checkpoint.startswith("imagenet21k/") else "imagenet1k"]
-    return dataclasses.replace(VARIANTS[variant], num_classes=classes)
+    """A released file's architecture: the variant's, with its label set's head."""
+    return dataclasses.replace(VARIANTS[variant], num_classes=LABEL_SETS[_label_set(checkpoint)])
 
 
 def _describe(config: MixerConfig) -> str:
@@ -2264,25 +2263,30 @@ def _describe(config: MixerConfig) -> str:
         f"{name} without a head"
 
 
-def _download_official(variant, checkpoint, path, progress):
-    url = weights_url().rstrip("/") + "/" + checkpoint
-    expected = _expected_config(variant, checkpoint)
-    folder = os.path.dirname(os.path.abspath(path))
+@contextlib.contextmanager
+def _scratch_folder(folder: str):
+    """A private folder in `folder` (same disk), removed afterwards; named as atomic_write's
+    temporaries, so that a later writer reclaims it if this process is killed outright."""
     try:
         os.makedirs(folder, exist_ok=True)
-        # The raw .npz lives in a private folder beside the cache (same disk); only the converted
-        # file is kept. It is named as atomic_write's temporaries are (.tmp-mixer-<host>-<pid>-
-        # <8 hex>-download) so that when this process is killed outright (SIGKILL) a later
-        # writer here reclaims it.
         scratch = os.path.join(folder, f"{_temporary_prefix()}{os.urandom(4).hex()}-download")
         os.mkdir(scratch, 0o700)
     except OSError as e:
         raise MixerError(f"cannot write to the weights cache {folder}: {e.strerror or e} "
                          f"(set MIXER_HOME to a writable folder)") from None
     try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _download_official(variant, checkpoint, path, progress):
+    """The released file fetched, checked, and kept converted (with its labels) at `path`."""
+    url = weights_url() + checkpoint
+    expected = _expected_config(variant, checkpoint)
+    with _scratch_folder(os.path.dirname(os.path.abspath(path))) as scratch:
         npz = os.path.join(scratch, os.path.basename(checkpoint))
-        # A released file is the float32 arrays plus small zip and .npy headers: twice that
-        # (room for a float64 copy) bounds what a misbehaving server can make us store.
+        # twice the float32 arrays (room for float64) bounds what a server can make us store
         floats = sum(math.prod(shape) for shape in param_shapes(expected).values())
         try:
             download(url, npz, progress=progress, max_size=8 * floats + 2**20)
@@ -2292,118 +2296,85 @@ def _download_official(variant, checkpoint, path, progress):
         if model.config != expected:
             raise MixerError(f"{url} holds {_describe(model.config)}, not the expected "
                              f"{_describe(expected)}; refusing to cache it")
+        if model.labels is None:
+            with contextlib.suppress(MixerError):  # without them: class indices, and a note
+                model.labels = download_labels(_label_set(checkpoint))
         model.save(path, source=checkpoint)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _offline_hint(checkpoint: str, path: str) -> str:
-    """How to use a copy of a released file fetched elsewhere, in commands that exist here."""
+    """How to use a copy fetched elsewhere, in the commands installed here (if any)."""
     name = os.path.basename(checkpoint)
     hint = f"To use a copy of {checkpoint} fetched elsewhere, pass it as --weights {name}"
-    command = _convert_command()
-    if command:
-        hint += f", or convert it once into this cache: {command} {name} {path}"
-    return hint
-
-
-def _convert_command() -> str | None:
-    """The converter as the user can run it: `mixer-convert` where pip installed it, else
-    convert.py beside this file; None for a lone copy of mixer.py."""
-    if shutil.which("mixer-convert"):
-        return "mixer-convert"
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert.py")
-    if not os.path.isfile(script):
-        return None
-    return "python " + ("convert.py" if os.path.dirname(script) == os.getcwd() else script)
+    command = "mixer-convert" if shutil.which("mixer-convert") else None
+    if command is None and os.path.isfile(script):
+        command = "python " + ("convert.py" if os.path.dirname(script) == os.getcwd() else script)
+    return hint + (f", or convert it once into this cache: {command} {name} {path}"
+                   if command else "")
 
 
 def download(url: str, path: str, progress=None, attempts: int = DOWNLOAD_ATTEMPTS,
              timeout: float = DOWNLOAD_STALL, min_rate: tuple[int, float] = DOWNLOAD_MIN_RATE,
              deadline: float | None = None, max_size: int | None = None) -> None:
-    """Fetches url (http://, https:// or file://) into path, atomically: path appears only when
-    the transfer is complete (its size checked against Content-Length), never partly written.
-
-    A connection that drops mid-transfer is retried, resuming with an HTTP Range request where
-    the server supports it (else from the start); after `attempts` failures, or on an HTTP
-    error such as 404, the partial file is deleted. Standard library only (urllib).
-
-    Limits, so that no server keeps the caller waiting for ever: an attempt fails (and is
-    retried) when no byte arrives for `timeout` seconds, or when fewer than min_rate[0] bytes
-    arrive in min_rate[1] seconds; the whole download, retries included, fails once it has
-    taken `deadline` seconds (None: download_deadline()). The limits are checked as data
-    arrives, so each holds to within `timeout` seconds. A file larger than max_size bytes
-    (announced or received) is refused.
-    progress(done, total) is called as bytes arrive; total is None when the server sends no size.
-    """
+    """Fetches url (http://, https:// or file://) into path atomically, once complete (checked
+    against Content-Length). A dropped connection is retried, resumed with a Range request
+    where the server allows; an HTTP error such as 404 is not. An attempt fails (and is
+    retried) when no byte arrives for `timeout` seconds or fewer than min_rate[0] bytes in
+    min_rate[1] seconds; the whole download once it has taken `deadline` seconds (None:
+    download_deadline()); more than max_size bytes are refused. progress(done, total or None)
+    is called as bytes arrive."""
     if not _is_download_url(url):
         raise MixerError(f"cannot download {_one_line(url)!r}: expected an http://, https:// or "
                          f"file:// URL")
     limit = download_deadline() if deadline is None else deadline
     ends = time.monotonic() + limit
     with atomic_write(path) as f:
-        try:
-            for attempt in range(1, attempts + 1):
-                try:
-                    done, total = _fetch(url, f, progress, timeout, min_rate, ends, max_size)
-                    if total is None or done == total:
-                        return
-                    problem = f"the connection closed after {done} of {total} bytes"
-                except urllib.error.HTTPError as e:
-                    if e.code == 416:  # our Range was refused: start again from byte 0
-                        f.seek(0)
-                        f.truncate()
-                    elif e.code < 500 and e.code not in (408, 429):  # retrying will not help
-                        raise MixerError(f"cannot download {url}: HTTP {e.code} "
-                                         f"{_one_line(e.reason)}") from None
-                    problem = f"HTTP {e.code} {_one_line(e.reason)}"
-                except urllib.error.URLError as e:  # no connection at all: offline, DNS, refused
-                    raise MixerError(f"cannot download {url}: {_one_line(e.reason)}") from None
-                except TimeoutError as e:  # a stall or a trickle, in _fetch's words
-                    problem = str(e)
-                except (OSError, http.client.HTTPException) as e:  # dropped mid-transfer
-                    problem = _one_line(f"{type(e).__name__}: {e}" if str(e)
-                                         else type(e).__name__)
-                if attempt < attempts:
-                    time.sleep(min(0.5 * attempt, max(0.0, ends - time.monotonic())))
-        except _OutOfTime:
-            raise MixerError(f"cannot download {url}: not complete after {limit:g} s, the limit "
-                             f"for a download ({f.tell()} bytes received); set "
-                             f"MIXER_DOWNLOAD_TIMEOUT to the seconds to allow") from None
+        for attempt in range(1, attempts + 1):
+            try:
+                done, total = _fetch(url, f, progress, timeout, min_rate, ends, max_size)
+                if total is None or done == total:
+                    return
+                problem = f"the connection closed after {done} of {total} bytes"
+            except urllib.error.HTTPError as e:
+                if e.code == 416:  # our Range was refused: start again from byte 0
+                    f.seek(0)
+                    f.truncate()
+                elif e.code < 500 and e.code not in (408, 429):  # retrying will not help
+                    raise MixerError(f"cannot download {url}: HTTP {e.code} "
+                                     f"{_one_line(e.reason)}") from None
+                problem = f"HTTP {e.code} {_one_line(e.reason)}"
+            except urllib.error.URLError as e:  # no connection at all: offline, DNS, refused
+                raise MixerError(f"cannot download {url}: {_one_line(e.reason)}") from None
+            except (OSError, http.client.HTTPException) as e:  # a stall, a trickle, a drop
+                problem = _one_line(str(e) if isinstance(e, TimeoutError) else
+                                    f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            if time.monotonic() >= ends:
+                raise MixerError(f"cannot download {url}: not complete after {limit:g} s, the "
+                                 f"limit for a download ({f.tell()} bytes received); set "
+                                 f"MIXER_DOWNLOAD_TIMEOUT to the seconds to allow")
+            if attempt < attempts:
+                time.sleep(min(0.5 * attempt, max(0.0, ends - time.monotonic())))
         raise MixerError(f"cannot download {url}: {problem} (tried {attempts} times)")
 
 
-class _OutOfTime(Exception):
-    """download()'s deadline passed."""
-
-
-class _TooSlow(TimeoutError):
-    """Data arrives, but too slowly for download()'s minimum rate."""
-
-
 def _fetch(url, f, progress, timeout, min_rate, ends, max_size):
-    """One GET that appends to f from f.tell(): returns (bytes in f, expected total or None).
-
-    Raises TimeoutError for a stall (no byte for `timeout` s), _TooSlow for a trickle (fewer
-    than min_rate[0] bytes in min_rate[1] s), _OutOfTime once time.monotonic() passes `ends`.
-    """
+    """One GET appending to f from f.tell() -> (bytes in f, total or None); _Ended for a stall,
+    a trickle (per window of min_rate[1] s) and once time.monotonic() passes `ends`."""
     done = f.tell()
     headers = {"User-Agent": f"mlp-mixer (mixer.py format {FORMAT_VERSION})"}
     if done:
         headers["Range"] = f"bytes={done}-"
     start = time.monotonic()
     if start >= ends:
-        raise _OutOfTime
+        raise _Ended("out of time")
     min_bytes, window = min_rate
-    # (time, bytes) marks at least window/60 apart; the first at or before now - window shows
-    # whether the last window brought min_bytes.
-    marks = [(start, done)]
+    mark = (start, done)  # where the current window of the rate check began
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                     timeout=min(timeout, ends - start)) as response:
-            content_range = response.headers.get("Content-Range", "")
-            if done and not (response.status == 206
-                             and content_range.startswith(f"bytes {done}-")):
+            if done and not (response.status == 206 and response.headers.get(
+                    "Content-Range", "").startswith(f"bytes {done}-")):
                 f.seek(0)  # the server sent the whole file (or another range): start again
                 f.truncate()
                 done = 0
@@ -2412,41 +2383,38 @@ def _fetch(url, f, progress, timeout, min_rate, ends, max_size):
             if max_size is not None and total is not None and total > max_size:
                 raise MixerError(f"cannot download {url}: the server announces {total} bytes, "
                                  f"more than the {max_size} that the file can be")
-            if progress:
-                progress(done, total)
-            # read1: whatever has arrived, so that a trickle cannot hold one call for long
-            while chunk := response.read1(1 << 20):
-                _save(f, chunk, url)
+            while True:
+                if progress:
+                    progress(done, total)
+                # read1: whatever has arrived, so that a trickle cannot hold one call for long
+                chunk = response.read1(1 << 20)
+                if not chunk:
+                    return done, total
+                try:  # a full or failing disk is not a network problem to retry
+                    f.write(chunk)
+                except OSError as e:
+                    raise MixerError(f"cannot save the download of {url}: {e.strerror or e}") \
+                        from None
                 done += len(chunk)
                 if max_size is not None and done > max_size:
                     raise MixerError(f"cannot download {url}: more than {max_size} bytes "
                                      f"received, more than the file can be")
-                if progress:
-                    progress(done, total)
                 now = time.monotonic()
                 if now >= ends:
-                    raise _OutOfTime
-                if now - marks[-1][0] >= window / 60:
-                    marks.append((now, done))
-                while len(marks) > 1 and marks[1][0] <= now - window:
-                    del marks[0]
-                if marks[0][0] <= now - window and done - marks[0][1] < min_bytes:
-                    raise _TooSlow(f"less than {format_size(min_bytes)} arrived in {window:g} s")
-    except _TooSlow:
+                    raise _Ended("out of time")
+                if now - mark[0] >= window:
+                    if done - mark[1] < min_bytes:
+                        raise _Ended(f"less than {format_size(min_bytes)} arrived in "
+                                           f"{window:g} s")
+                    mark = (now, done)
+    except _Ended:
         raise
     except TimeoutError:  # the socket's: nothing arrived for the whole timeout
-        if time.monotonic() >= ends:
-            raise _OutOfTime from None
-        raise TimeoutError(f"no data for {min(timeout, ends - start):g} s") from None
-    return done, total
+        raise _Ended(f"no data for {min(timeout, ends - start):g} s") from None
 
 
-def _save(f, chunk, url):
-    """Appends a downloaded chunk; a full or failing disk is not a network problem to retry."""
-    try:
-        f.write(chunk)
-    except OSError as e:
-        raise MixerError(f"cannot save the download of {url}: {e.strerror or e}") from None
+class _Ended(TimeoutError):
+    """A transfer ended by download()'s limits: a stall, a trickle or the deadline."""
 
 
 def _is_download_url(url: str) -> bool:
@@ -2458,64 +2426,68 @@ def _is_download_url(url: str) -> bool:
         parts.port  # noqa: B018 -- raises ValueError for a port out of range
     except ValueError:
         return False
-    if parts.scheme in ("http", "https"):
-        return bool(parts.hostname)
-    return parts.scheme == "file"
+    return bool(parts.hostname) if parts.scheme in ("http", "https") else parts.scheme == "file"
 
 
 def _one_line(text, limit: int = 200) -> str:
-    """A server's or user's text fit for one line of a message: runs of white space joined,
-    control characters escaped (printable), long text cut."""
+    """A server's or user's text for one line of a message: spaces joined, escaped, cut."""
     text = printable(" ".join(str(text).split()))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------------------------
-# Images.
-
-
-# Reduced-scale decoding, preprocess's default (exact=True turns it off). A 12-megapixel photo
-# decoded at full size and resampled to 224 takes ~130 ms on one core here, most of it in the
-# bicubic filter's wide windows. A JPEG decoded by libjpeg at 1/2, 1/4 or 1/8 scale (Pillow's
-# draft mode), any other image box-reduced by an integer factor after decoding, leaves the filter
-# a sixteenth of the pixels. The image is kept at least REDUCED_MARGIN times the size that the
-# bicubic resize goes to (the shorter side for "crop", each side for "squash"): a 4032x3024 photo
-# is decoded at 1/4 scale, in ~28 ms, and the output moves by a mean |difference| of 0.002 in
-# [-1, 1] units (at most 0.03); a margin of 1 (1/8 scale) would save ~6 ms more for a mean of
-# 0.005 and single values off by 0.12. `python bench.py --photos` measures both paths.
-REDUCED_MARGIN = 2
-_ORIENTATION = 0x0112  # the EXIF tag; values 5 to 8 turn the picture by 90 degrees
-
+# Images: one decoder, for classifying (preprocess) and for training (train.py's Loader).
 
 MAX_IMAGE_SIZE = 8192  # preprocess's largest output side: 8192^2 x 3 float32 = 768 MiB
+REDUCED_MARGIN = 2  # preprocess keeps a picture this many times what its resize needs (README)
 
 
-def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False) -> np.ndarray:
-    """A path or PIL image -> float32 (size, size, 3) in [-1, 1].
+def file_signature(file) -> tuple:
+    """What tells versions of a file (a path or an open descriptor) apart: a rewrite changes
+    its size or times, a replacement (a rename over it) its inode."""
+    st = os.stat(file)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
-    Any mode becomes RGB (16-bit and float modes rescaled to 8 bits), after EXIF orientation;
-    of an animation or a multi-page file, the first frame. resize="crop": the paper's evaluation
-    geometry, shorter side to int(size / 0.875) with bicubic resampling, then a centre crop.
-    resize="squash": the whole image to size x size. Either way only the source pixels that
-    the output needs are resampled, so that time and memory follow the output size, not the
-    image's aspect ratio.
 
-    An image more than twice as large as the resize needs (a camera's photo) is decoded at
-    reduced scale (a JPEG file) or box-reduced (anything else) first: a 12-megapixel JPEG takes
-    ~28 ms instead of ~130, and the output differs from full-resolution decoding by a mean of
-    ~0.002. exact=True decodes at full resolution: bit-for-bit the reference preprocessing.
+@dataclass(frozen=True)
+class Picture:
+    """An image decoded once, to be cropped as often as wanted (training crops; preprocess
+    decodes and crops once, the same way, without the copy into `pixels`)."""
 
-    Refused with a MixerError: anything but a path or a PIL image, a path that is not a regular
-    file (a folder, a FIFO, a device), a file Pillow cannot decode (truncated, corrupt, not an
-    image), and an image of more pixels than Pillow's PIL.Image.MAX_IMAGE_PIXELS.
-    """
-    Image, ImageOps = _import_pil()
-    size = positive_int(size, "size")
-    if size > MAX_IMAGE_SIZE:  # the output alone would be size * size * 12 bytes
-        raise MixerError(f"size {size} is more than {MAX_IMAGE_SIZE} pixels a side: a Mixer "
-                         f"takes images of a few hundred pixels (224, 448, ...)")
-    if resize not in ("crop", "squash"):
-        raise MixerError(f"resize must be 'crop' or 'squash', got {resize!r}")
+    pixels: np.ndarray  # uint8 RGB (rows, columns, 3), upright, read-only, at 1/scale of
+    scale: int
+    width: int  # the upright full-resolution size, in which crop boxes are given
+    height: int
+    signature: tuple | None  # file_signature() of the file as read; None for a PIL image
+
+    @classmethod
+    def open(cls, image, max_reduction=None) -> "Picture":
+        """A path or a PIL image (never changed) decoded: EXIF orientation applied, any mode as
+        RGB (16-bit and float ones rescaled), the first frame of several. max_reduction(width,
+        height): the largest factor per side it may shrink by (None: 1); a JPEG file is decoded
+        at 1/2, 1/4 or 1/8 scale by libjpeg (draft mode), the rest box-reduced (Image.reduce).
+        Refused with a MixerError: anything but a path or a PIL image, not a regular file, not
+        an image Pillow can decode, more pixels than PIL.Image.MAX_IMAGE_PIXELS."""
+        img, scale, width, height, signature = _decode(image, max_reduction)
+        pixels = np.asarray(img)
+        pixels.flags.writeable = False  # shared by the threads that crop it
+        return cls(pixels, scale, width, height, signature)
+
+    def crop(self, box, size: int) -> np.ndarray:
+        """The box (x0, y0, x1, y1) of the upright full-resolution picture, bicubic-resampled to
+        uint8 (size, size, 3): what resizing the whole picture so that the box becomes size x
+        size and cutting it out gives, for the work of the box alone (see _resample)."""
+        whole = tuple(box) == (0, 0, self.width, self.height)
+        return _resample(self.pixels, [v / self.scale for v in box], size, whole)
+
+    def evaluation(self, size: int = 224, resize: str = "crop") -> np.ndarray:
+        """preprocess's pixels, uint8 (size, size, 3) (see evaluation_box)."""
+        return self.crop(evaluation_box(self.width, self.height, size, resize), size)
+
+
+def _decode(image, max_reduction):
+    """Picture.open's work: (RGB PIL image, scale, width, height, signature)."""
+    Image, _ = _import_pil()
     is_path = isinstance(image, (str, bytes, os.PathLike))
     if not is_path and not isinstance(image, Image.Image):
         raise MixerError(f"expected an image file's path or a PIL image, got "
@@ -2523,102 +2495,112 @@ def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False
                          f"model as a batch (B, H, W, 3))")
     name = printable(os.fsdecode(image)) if is_path else "image"
     try:
-        if is_path:
-            with open_regular(image, name, "an image") as f, Image.open(f) as img:
-                # our own image object: libjpeg may be told to decode it at reduced scale
-                pixels = _resample_rgb(img, name, size, resize, exact, may_draft=True)
-        else:  # the caller's: never changed, so only reduced after decoding
-            pixels = _resample_rgb(image, name, size, resize, exact, may_draft=False)
-    except FileNotFoundError:
-        raise MixerError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise MixerError(f"{name}: is a directory, not an image") from None
+        if not is_path:
+            return _decode_opened(image, name, max_reduction, None)
+        with open_regular(image, name, "an image") as f, Image.open(f) as img:
+            return _decode_opened(img, name, max_reduction, file_signature(f.fileno()))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # the warning arrives as an exception where warnings are errors (the command line)
         raise MixerError(f"{name}: {e} (Pillow's limit: raise PIL.Image.MAX_IMAGE_PIXELS to "
                          f"read an image this large that you trust)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise MixerError(printable(f"{name}: cannot read the image ({e})")) from None
-    return pixels / 127.5 - 1.0
 
 
-def _resample_rgb(img, name, size, resize, exact=True, may_draft=False) -> np.ndarray:
-    """preprocess's work on an opened PIL image: RGB uint8 pixels (size, size, 3). may_draft:
-    whether libjpeg may be told to decode img at reduced scale (changing img itself)."""
+def _decode_opened(img, name, max_reduction, signature):
     Image, ImageOps = _import_pil()
     w, h = img.size  # read from the header: nothing decoded yet
-    if not w or not h:
-        raise MixerError(f"{name}: the image has no pixels ({w}x{h})")
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and w * h > limit:  # Pillow only warns between 1x and 2x its limit
-        raise MixerError(f"{name}: {w}x{h} is {w * h} pixels, more than Pillow's limit of "
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow itself only warns between 1x and 2x its limit
+    if not w or not h or limit is not None and w * h > limit:
+        raise MixerError(f"{name}: the image has no pixels ({w}x{h})" if not w or not h else
+                         f"{name}: {w}x{h} is {w * h} pixels, more than Pillow's limit of "
                          f"{limit} (raise PIL.Image.MAX_IMAGE_PIXELS to read an image this "
                          f"large that you trust)")
-    need = REDUCED_MARGIN * (int(size / 0.875) if resize == "crop" else size)
-    k = 1 if exact else min(w, h) // need  # by the shorter side: the same either way up
-    scale = 1  # img holds the picture at 1/scale of its full resolution
-    if k > 1 and may_draft and img.format in ("JPEG", "MPO"):
-        # libjpeg picks the largest of 1/8, 1/4 and 1/2 that keeps both sides >= need; the box
-        # returned is the full image in decoded coordinates
-        drafted = img.draft(img.mode, (need, need))
-        if drafted:
+    most, scale = max_reduction(w, h) if max_reduction else 1, 1
+    # draft changes the image object: only ours (a file's), never the caller's
+    if most >= 2 and signature is not None and img.format in ("JPEG", "MPO"):
+        drafted = img.draft(img.mode, (math.ceil(w / most), math.ceil(h / most)))
+        if drafted:  # the full image's box, in decoded pixels
             scale = round(w / drafted[1][2])
-    if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
-        w, h = h, w  # exif_transpose turns the picture by 90 degrees
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
+        w, h = h, w
     img = _to_rgb(ImageOps.exif_transpose(img))
-    if k > 1 and scale == 1:
-        img, scale = img.reduce(k), k  # after _to_rgb: averaged palette indices mean nothing
-    # (w, h) is the picture's full-resolution size, upright; a box in those coordinates is
-    # box / scale in img. libjpeg and reduce() round a partial block at the right and bottom
-    # edges up to a whole pixel, so img may reach a little past (w, h) / scale: the boxes below
-    # stop at the picture's true edge.
-    if resize == "squash" and img.width < size < img.height:
-        # narrow and tall: shrunk vertically first, by hand. Pillow before 13 always goes
-        # horizontally first, through an intermediate image `size` / w times the source's
-        img = _resample(img, (0, 0, w / scale, h / scale), size, vertical_first=True)
-    elif resize == "squash":
-        img = img.resize((size, size), Image.BICUBIC, box=(0, 0, w / scale, h / scale))
-    else:
-        short = int(size / 0.875)
-        if w <= h:
-            new = (short, max(short, round(h * short / w)))
-        else:
-            new = (max(short, round(w * short / h)), short)
-        # the centre size x size of the image resized to `new`, in img's coordinates
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        sx, sy = w / new[0] / scale, h / new[1] / scale
-        img = _resample(img, (left * sx, top * sy, (left + size) * sx, (top + size) * sy), size)
-    return np.asarray(img, dtype=np.float32)
+    if int(most / scale) >= 2:  # after _to_rgb: averaged palette indices mean nothing
+        img, scale = img.reduce(int(most / scale)), scale * int(most / scale)
+    img.load()  # while the file is open
+    return img, scale, w, h, signature
 
 
-def _resample(img, box, size: int, vertical_first: bool = False):
-    """The source rectangle box = (x0, y0, x1, y1) of an RGB image, bicubic-resampled to
-    size x size: the same pixels (up to float rounding) as resizing the whole image so that
-    the box becomes size x size and cropping the box out, for a fraction of the work.
+def evaluation_box(width: int, height: int, size: int, resize: str = "crop") -> tuple:
+    """preprocess's source box in a width x height picture. resize="crop": the paper's
+    geometry, the shorter side resized to int(size / 0.875), then the centre size x size;
+    "squash": all of it."""
+    if resize == "squash":
+        return 0, 0, width, height
+    short = int(size / 0.875)
+    new = (short, max(short, round(height * short / width))) if width <= height else \
+        (max(short, round(width * short / height)), short)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    sx, sy = width / new[0], height / new[1]
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
-    Only the source pixels the filter reads are cut out first (bicubic reads 2 pixels either
-    side of each output pixel's centre, times the scale when shrinking; the margin keeps
-    every filter window whole except at the image's own edges), so a 1x30000 image costs what
-    a small one does; and the box coordinates Pillow is given (as float32) stay small, so exact.
-    The two passes are made one at a time so that their order does not depend on Pillow's
-    version: horizontal first, as Pillow always did for a whole-image resize before 13.
-    """
+
+def _resample(source, box, size: int, whole: bool) -> np.ndarray:
+    """The box (x0, y0, x1, y1) of a uint8 RGB array or PIL image, bicubic-resampled to uint8
+    (size, size, 3); whole: the box is all of the picture (one resize, as Image.resize).
+
+    Only the pixels the filter reads are cut out and resampled (2 either side of an output
+    pixel's centre, times the scale when shrinking), so the box Pillow is given (as float32)
+    stays small and exact. A part is resampled one pass at a time, horizontal first, as Pillow
+    before 13 resized a whole picture, so that results do not depend on Pillow's version;
+    vertical first for a narrow and tall box, which spares Pillow before 13 an intermediate
+    image size / width times the source."""
     Image, _ = _import_pil()
-    w, h = img.size
     x0, y0, x1, y1 = box
     mx = math.ceil(2 * max((x1 - x0) / size, 1)) + 1
     my = math.ceil(2 * max((y1 - y0) / size, 1)) + 1
+    cols, rows = source.size if isinstance(source, Image.Image) else source.shape[1::-1]
+    # libjpeg and reduce() round partial blocks up: pixels may reach a little past the box
     c0, r0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
-    c1, r1 = min(w, math.ceil(x1) + mx), min(h, math.ceil(y1) + my)
-    if (c0, r0, c1, r1) != (0, 0, w, h):
-        img = img.crop((c0, r0, c1, r1))
-        x0, y0, x1, y1 = x0 - c0, y0 - r0, x1 - c0, y1 - r0
+    c1, r1 = min(cols, math.ceil(x1) + mx), min(rows, math.ceil(y1) + my)
+    if isinstance(source, np.ndarray):
+        img = Image.fromarray(np.ascontiguousarray(source[r0:r1, c0:c1]))
+    else:
+        img = source if (c0, r0, c1, r1) == (0, 0, cols, rows) else source.crop((c0, r0, c1, r1))
+    x0, y0, x1, y1 = x0 - c0, y0 - r0, x1 - c0, y1 - r0
     cols, rows = img.size
-    if vertical_first:
+    if x1 - x0 < size < y1 - y0:
         img = img.resize((cols, size), Image.BICUBIC, box=(0, y0, cols, y1))
-        return img.resize((size, size), Image.BICUBIC, box=(x0, 0, x1, size))
-    img = img.resize((size, rows), Image.BICUBIC, box=(x0, 0, x1, rows))
-    return img.resize((size, size), Image.BICUBIC, box=(0, y0, size, y1))
+        img = img.resize((size, size), Image.BICUBIC, box=(x0, 0, x1, size))
+    elif whole:
+        img = img.resize((size, size), Image.BICUBIC, box=(x0, y0, x1, y1))
+    else:
+        img = img.resize((size, rows), Image.BICUBIC, box=(x0, 0, x1, rows))
+        img = img.resize((size, size), Image.BICUBIC, box=(0, y0, size, y1))
+    return np.asarray(img)
+
+
+def preprocess_reduction(size: int, resize: str = "crop"):
+    """preprocess's max_reduction (Picture.open), size and resize checked: a picture may shrink
+    until its shorter side is REDUCED_MARGIN times what the resize needs."""
+    size = positive_int(size, "size")
+    if size > MAX_IMAGE_SIZE:  # the output alone would be size * size * 12 bytes
+        raise MixerError(f"size {size} is more than {MAX_IMAGE_SIZE} pixels a side: a Mixer "
+                         f"takes images of a few hundred pixels (224, 448, ...)")
+    if resize not in ("crop", "squash"):
+        raise MixerError(f"resize must be 'crop' or 'squash', got {resize!r}")
+    need = REDUCED_MARGIN * (int(size / 0.875) if resize == "crop" else size)
+    return lambda width, height: min(width, height) / need
+
+
+def preprocess(image, size: int = 224, resize: str = "crop", exact: bool = False) -> np.ndarray:
+    """A path or PIL image -> float32 (size, size, 3) in [-1, 1]: decoded as Picture.open at
+    preprocess_reduction (exact=True: at full resolution, bit-for-bit the reference
+    preprocessing), cropped to evaluation_box, x / 127.5 - 1: Picture.evaluation's pixels."""
+    reduction = preprocess_reduction(size, resize)
+    img, scale, width, height, _ = _decode(image, None if exact else reduction)
+    box = [v / scale for v in evaluation_box(width, height, size, resize)]
+    return _resample(img, box, size, resize == "squash").astype(np.float32) / 127.5 - 1.0
 
 
 def _to_rgb(img):
@@ -2629,11 +2611,9 @@ def _to_rgb(img):
         if not np.isfinite(a).all():  # float images can hold them; no 8-bit value stands for them
             raise ValueError("it holds NaN or infinite pixel values")
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(a, mode="L")
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
-        # by way of RGBA, as Pillow asks (else it warns on stderr); the alpha is then dropped
-        img = img.convert("RGBA")
+        img = img.convert("RGBA")  # as Pillow asks (else it warns); the alpha is then dropped
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -2651,22 +2631,18 @@ def _import_pil():
     return Image, ImageOps
 
 
-# Decoding many images (Mixer.classify): a thread pool works AHEAD_BATCHES batches ahead of the
-# model, so that decoding batch k + 1 overlaps the forward of batch k. Pillow releases the GIL
-# while it decodes and resamples, so the threads use every core. Threads: one per core, at most
-# 8 (beyond that the model, not decoding, sets the pace, and each thread holds a decoded image).
+# Mixer.classify decodes in threads (Pillow releases the GIL), AHEAD_BATCHES batches ahead of
+# the model; at most 8, beyond which the model sets the pace and each holds a decoded image.
 DECODE_THREADS = min(os.cpu_count() or 1, 8)
 AHEAD_BATCHES = 2
 
 
 def decode_ahead(images, batch_size: int, decode):
     """Batches of [(index, image, decode(image) or the MixerError it raised)] in input order.
-    `images` (any iterator) is read in the calling thread, batch_size at a time, as the pool
-    needs them: memory holds the batch handed out and AHEAD_BATCHES more. Paths are decoded in
-    the pool; PIL images here, as they arrive (an object the caller holds is never used by two
-    threads). Closing the generator (or an exception, Ctrl-C) cancels what has not started and
-    waits for the decodes running, each a fraction of a second: no thread outlives it."""
-    from collections import deque
+    `images` (any iterator) is read in the calling thread as the pool needs them: memory holds
+    the batch handed out and AHEAD_BATCHES more. Paths are decoded in the pool, PIL images here
+    (an object the caller holds is never used by two threads). Closing the generator (or an
+    exception, Ctrl-C) cancels what has not started and waits for the decodes running."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     def outcome(image):
@@ -2675,26 +2651,25 @@ def decode_ahead(images, batch_size: int, decode):
         except MixerError as e:
             return e
 
-    def now(image):
+    def submit(image):
+        if isinstance(image, (str, bytes, os.PathLike)):
+            return pool.submit(outcome, image)
         future = Future()
         future.set_result(outcome(image))
         return future
 
-    numbered = enumerate(images)
+    numbered, pending = enumerate(images), []
     pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="mixer-decode")
-    pending = deque()
     try:
         while True:
             while len(pending) <= AHEAD_BATCHES:
                 chunk = list(itertools.islice(numbered, batch_size))
                 if not chunk:
                     break
-                pending.append([(i, image, pool.submit(outcome, image) if
-                                 isinstance(image, (str, bytes, os.PathLike)) else now(image))
-                                for i, image in chunk])
+                pending.append([(i, image, submit(image)) for i, image in chunk])
             if not pending:
                 return
-            yield [(i, image, future.result()) for i, image, future in pending.popleft()]
+            yield [(i, image, future.result()) for i, image, future in pending.pop(0)]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -2712,30 +2687,15 @@ SHOW_GAP = 1  # pixels between units
 SHOW_BACKGROUND = (128, 128, 128)  # grey: white is a weight of 0
 
 
-def diverging_rgb(t: np.ndarray) -> np.ndarray:
-    """uint8 RGB (..., 3) for t in [-1, 1]: blue (-1), white (0), red (+1), linear between."""
-    t = np.clip(np.asarray(t, np.float64), -1, 1)
-    rgb = np.stack([1 - np.maximum(-t, 0), 1 - np.abs(t), 1 - np.maximum(t, 0)], axis=-1)
-    return np.rint(255 * rgb).astype(np.uint8)
-
-
 def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = SHOW_UNITS,
                  cell: int | None = None) -> tuple[int, int]:
-    """Draws the first token-mixing Dense of the first `blocks` Mixer blocks to the PNG `path`
-    (written atomically) and returns its (width, height), as in the paper's Figure 5.
-
-    That Dense's kernel is (S, D_S): column u is what hidden unit u weighs each of the S = g x g
-    patch positions with, so each unit is drawn as a g x g map of its weights (row-major, as the
-    patches are ordered), each position a square of `cell` pixels (default: 56 // g, at least 1,
-    at most 8). Colour is blue for negative, white for 0, red for positive, each unit scaled by
-    its own max |w| (so only the pattern compares between units, not the magnitude). The first
-    `units` units of each block are drawn (default 64; the paper's figure shows every unit, in
-    pairs sorted by frequency, which this does not attempt), SHOW_COLUMNS per row with
-    SHOW_GAP pixels between them, on a grey ground. Each block is one band: a SHOW_LABEL-pixel
-    label ("block 0 ...") then its rows of units. Blocks and units beyond the model's are left
-    out. Size: width 2 * SHOW_PAD + c * tile + (c - 1) * SHOW_GAP with c = min(units,
-    SHOW_COLUMNS) and tile = g * cell; height SHOW_PAD plus, per block, SHOW_LABEL + r * tile
-    + (r - 1) * SHOW_GAP + SHOW_PAD with r = ceil(units / SHOW_COLUMNS)."""
+    """The paper's Figure 5: the first token-mixing Dense of the first `blocks` blocks drawn to
+    the PNG `path` (atomically); returns its (width, height). Its kernel is (S, D_S): unit u
+    is drawn as the g x g map (row-major, as patches are) of its weights over the S = g x g
+    patch positions, `cell` pixels each (default 56 // g, 1 to 8); blue < 0, white 0, red > 0,
+    scaled to the unit's max |w|. The first `units` units (the paper shows all, paired and
+    sorted by frequency), SHOW_COLUMNS a row, SHOW_GAP apart; per block a SHOW_LABEL-pixel
+    label, its rows, SHOW_PAD pixels."""
     if not isinstance(model, Mixer):
         raise MixerError(f"show_weights() draws a mixer.Mixer, got {type(model).__name__}")
     blocks = min(positive_int(blocks, "blocks"), model.config.num_blocks)
@@ -2747,32 +2707,31 @@ def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = S
     columns, rows = min(units, SHOW_COLUMNS), -(-units // SHOW_COLUMNS)
     band = SHOW_LABEL + rows * tile + (rows - 1) * SHOW_GAP + SHOW_PAD
     width = 2 * SHOW_PAD + columns * tile + (columns - 1) * SHOW_GAP
-    height = SHOW_PAD + blocks * band
-    canvas = np.empty((height, width, 3), np.uint8)
+    canvas = np.empty((SHOW_PAD + blocks * band, width, 3), np.uint8)
     canvas[:] = SHOW_BACKGROUND
     for b in range(blocks):
         kernel = model._ops.numpy(model.params[f"MixerBlock_{b}/token_mixing/Dense_0/kernel"])
         kernel = np.asarray(kernel, np.float64)[:, :units]  # (S, units)
         scale = np.abs(kernel).max(axis=0)
-        t = kernel / np.where(scale > 0, scale, 1)  # a unit of zeros is all white
-        maps = diverging_rgb(t.T.reshape(units, g, g))  # (units, g, g, 3): token i*g + j at (i, j)
+        t = (kernel / np.where(scale > 0, scale, 1)).T.reshape(units, g, g)  # token i*g+j at (i, j)
+        rgb = np.stack([1 - np.maximum(-t, 0), 1 - np.abs(t), 1 - np.maximum(t, 0)], axis=-1)
+        maps = np.rint(255 * rgb).astype(np.uint8)  # (units, g, g, 3): blue, white, red
         maps = maps.repeat(cell, axis=1).repeat(cell, axis=2)  # nearest-neighbour upscaling
-        top = SHOW_PAD + b * band + SHOW_LABEL
         for u in range(units):
-            y = top + (u // SHOW_COLUMNS) * (tile + SHOW_GAP)
+            y = SHOW_PAD + b * band + SHOW_LABEL + (u // SHOW_COLUMNS) * (tile + SHOW_GAP)
             x = SHOW_PAD + (u % SHOW_COLUMNS) * (tile + SHOW_GAP)
             canvas[y:y + tile, x:x + tile] = maps[u]
     Image, _ = _import_pil()
     from PIL import ImageDraw
     img = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(img)
     for b in range(blocks):
-        draw.text((SHOW_PAD, SHOW_PAD + b * band + 1),
-                  f"block {b}: token-mixing units 0-{units - 1} of {ds}, {g}x{g} patches, "
-                  f"blue < 0 < red, each unit scaled to its max |w|", fill=(0, 0, 0))
+        ImageDraw.Draw(img).text(
+            (SHOW_PAD, SHOW_PAD + b * band + 1), f"block {b}: token-mixing units 0-{units - 1} "
+            f"of {ds}, {g}x{g} patches, blue < 0 < red, each unit scaled to its max |w|",
+            fill=(0, 0, 0))
     with atomic_write(path) as f:
         img.save(f, format="PNG")
-    return width, height
+    return img.size
 
 
 # --------------------------------------------------------------------------------------------
@@ -2780,46 +2739,48 @@ def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = S
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the programs: a bad argument is one line on stderr, as every other bad
-    input is ("PROG: error: MESSAGE (PROG --help shows the usage)", status 2), instead of
-    argparse's usage block."""
+    """argparse whose bad argument is one line, status 2, as other bad input is, instead of
+    argparse's usage block: "PROG: error: MESSAGE (PROG --help shows the usage)"."""
 
     def error(self, message):
         _fail(self.prog, f"error: {printable(message)} ({self.prog} --help shows the usage)", 2)
         sys.exit(2)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PROGRESS_MIN_IMAGES = 32  # fewer finish before progress would tell anything
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `mixer` command's arguments."""
     parser = ArgumentParser(
         prog="mixer", description="Classify images with an MLP-Mixer (top-k classes per image).")
-    parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="image files, or folders: their image files (by extension: "
-                             f"{' '.join(e[1:] for e in IMAGE_EXTENSIONS)}), searched "
-                             f"recursively, hidden ones skipped, in sorted order")
-    parser.add_argument("--weights", help="a .safetensors file (from convert.py or train.py)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS),
-                        help="use the official checkpoint of this variant (downloaded once)")
-    parser.add_argument("--source", choices=["gsam", "sam", "imagenet1k", "imagenet21k"],
-                        help="which official training run to use with --variant (default: "
-                             "gsam where released, else imagenet1k)")
-    parser.add_argument("--backend", choices=sorted(BACKENDS),
-                        help="default: MIXER_BACKEND, else chosen by the machine")
-    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
-                        help="compute dtype; float16/bfloat16 need --backend mlx or tinygrad "
-                             "and pay off on GPUs")
-    parser.add_argument("--quantize", choices=sorted(QUANTIZED_DTYPES),
-                        help="quantise the weights as they are loaded (groups of "
-                             f"{DEFAULT_GROUP_SIZE}): int8 or int4 kernels in memory, computed "
-                             "a layer at a time in float32; a file saved quantised needs no "
-                             "flag")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--resize", choices=["crop", "squash"],
-                        help="crop: shorter side to size/0.875, centre crop (default); "
-                             "squash: whole image to size x size")
-    parser.add_argument("--exact-decode", action="store_true",
-                        help="decode every image at full resolution (bit-for-bit reference "
-                             "preprocessing; large photos are otherwise decoded at reduced "
-                             "scale, ~5x faster)")
+    add = parser.add_argument
+    add("images", nargs="*", metavar="IMAGE",
+        help=f"image files, or folders: their image files (by extension: "
+             f"{' '.join(e[1:] for e in IMAGE_EXTENSIONS)}), searched recursively, hidden ones "
+             f"skipped, in sorted order")
+    add("--weights", help="a .safetensors file (from convert.py or train.py)")
+    add("--variant", choices=sorted(VARIANTS),
+        help="use the official checkpoint of this variant (downloaded once)")
+    add("--source", choices=["gsam", "sam", "imagenet1k", "imagenet21k"],
+        help="which official training run to use with --variant (default: gsam where released, "
+             "else imagenet1k)")
+    add("--backend", choices=sorted(BACKENDS), help="default: MIXER_BACKEND, else chosen by the "
+                                                    "machine")
+    add("--dtype", choices=COMPUTE_DTYPES, default="float32",
+        help="compute dtype; float16/bfloat16 need --backend mlx or tinygrad and pay off on GPUs")
+    add("--quantize", choices=sorted(QUANTIZED_DTYPES),
+        help=f"quantise the weights as they are loaded (groups of {DEFAULT_GROUP_SIZE}): int8 or "
+             f"int4 kernels in memory, computed a layer at a time in float32; a file saved "
+             f"quantised needs no flag")
+    add("--top-k", type=int, default=5)
+    add("--resize", choices=["crop", "squash"],
+        help="crop: shorter side to size/0.875, centre crop (default); squash: whole image to "
+             "size x size")
+    add("--exact-decode", action="store_true",
+        help="decode every image at full resolution (bit-for-bit reference preprocessing; large "
+             "photos are otherwise decoded at reduced scale, ~5x faster)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON document")
     output.add_argument("--jsonl", action="store_true",
@@ -2838,8 +2799,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k=5, resize=None,
             json=False, dtype="float32", jsonl=False, exact_decode=False, quantize=None):
-    """The CLI as a function: returns the text it prints on stdout (files that cannot be read,
-    among several, are reported on stderr and left out, as the CLI does)."""
+    """The CLI as a function: the text it prints on stdout (unreadable files among several are
+    reported on stderr and left out, as there)."""
     chunks = []
     _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
                   exact_decode, chunks.append, quantize=quantize)
@@ -2847,20 +2808,10 @@ def run_cli(images, weights=None, variant=None, source=None, backend=None, top_k
 
 
 _json_dumps = json.dumps  # run_cli's `json` argument shadows the module
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-PROGRESS_MIN_IMAGES = 32  # fewer finish before progress would tell anything
 
 
-def _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
-                  exact_decode, write, stderr=None, quantize=None) -> int:
-    """The command line's work: each image's result passed to write() (a str ending in a
-    newline) as soon as it is ready, in input order. Returns the number of inputs skipped:
-    files that could not be read and folders without images, each reported on stderr in one
-    line. With a single file argument, an unreadable file is a MixerError instead (nothing
-    printed); so is an argument list that holds no image at all."""
-    stderr = stderr or sys.stderr
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise MixerError(f"--top-k must be at least 1, got {top_k}")
+def _check_model_args(weights, variant, source):
+    """--weights or --variant, one of them; --source only with --variant."""
     if weights is not None and variant is not None:
         raise MixerError("give --weights FILE or --variant NAME, not both")
     if source is not None and variant is None:
@@ -2868,15 +2819,47 @@ def _classify_cli(images, weights, variant, source, backend, top_k, resize, json
     if weights is None and variant is None:
         raise MixerError("give --weights FILE.safetensors, or --variant (e.g. --variant B/16) to "
                          "download the official checkpoint once")
+
+
+def _cli_model(weights, variant, source, backend, dtype, quantize=None):
+    """The model that --weights or --variant names, with the CLI's notes on stderr (stdout
+    stays the result: --json safe)."""
+    if weights is not None:
+        return load(weights, backend=backend, dtype=dtype, quantize=quantize)
+    checkpoint = official_checkpoint(variant, source)
+    fresh = not os.path.exists(cache_path(checkpoint))
+    bar = _Progress(sys.stderr, name=checkpoint)
+    try:
+        model = pretrained(variant, source, backend=backend, progress=bar if fresh else None,
+                           dtype=dtype, quantize=quantize)
+    finally:
+        bar.close()
+    if fresh:
+        print(f"mixer: converted {checkpoint} to {cache_path(checkpoint)}", file=sys.stderr)
+    if model.labels is None:
+        print(f"mixer: note: label files not found (looked in {' and '.join(labels_dirs())}) "
+              f"nor downloadable from {_env_url('MIXER_LABELS_URL', LABELS_URL, 'the label')}: "
+              f"printing class indices", file=sys.stderr)
+    return model
+
+
+def _classify_cli(images, weights, variant, source, backend, top_k, resize, json, dtype, jsonl,
+                  exact_decode, write, stderr=None, quantize=None) -> int:
+    """Each image's result to write() (a str ending in a newline) as soon as it is ready, in
+    input order; returns how many inputs were skipped (unreadable files, folders without
+    images: a line each on stderr). An unreadable single file, or no image at all, is an error."""
+    stderr = stderr or sys.stderr
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise MixerError(f"--top-k must be at least 1, got {top_k}")
+    _check_model_args(weights, variant, source)
     paths, problems = _image_paths(images)
     if not paths:
         raise MixerError(problems[0] if len(problems) == 1 else
                          f"no image files in {len(problems)} folders: {'; '.join(problems)}")
     # one file asked for: unreadable, it is an error (nothing printed), as it always was
     single = len(images) == 1 and not os.path.isdir(images[0])
-    model = (_cli_pretrained(variant, source, backend, dtype, quantize) if variant is not None
-             else load(weights, backend=backend, dtype=dtype, quantize=quantize))
-    progress = _Progress(len(paths), stderr) if (
+    model = _cli_model(weights, variant, source, backend, dtype, quantize)
+    progress = _Progress(stderr, total=len(paths)) if (
         len(paths) > PROGRESS_MIN_IMAGES and stderr.isatty()) else None
 
     def warn(line):
@@ -2891,7 +2874,7 @@ def _classify_cli(images, weights, variant, source, backend, top_k, resize, json
     with warnings.catch_warnings(), contextlib.closing(model._classify_each(
             paths, top_k, 32, resize, exact_decode)) as results:
         # Pillow warns (two lines on stderr) about an image of 1-2x its pixel limit and refuses
-        # larger ones: here both are the same one-line error (preprocess). The filter is the
+        # larger ones: here both are the same one-line error (Picture.open). The filter is the
         # process's (the decoding threads' too), so this is done here, not in the library.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -2906,13 +2889,16 @@ def _classify_cli(images, weights, variant, source, backend, top_k, resize, json
                 if json:
                     # the document streamed as json.dumps(list, indent=2) writes it: "[", the
                     # entries, "]" (below, also when an error or Ctrl-C ends the run early)
-                    write(("[\n" if not opened else ",\n") + _indent(_json_dumps(
-                        _entry(path, top), indent=2, allow_nan=False), "  "))
+                    entry = _json_dumps(_entry(path, top), indent=2, allow_nan=False)
+                    write(("[\n" if not opened else ",\n") + "  " + entry.replace("\n", "\n  "))
                     opened = True
                 elif jsonl:
                     write(_json_dumps(_entry(path, top), allow_nan=False) + "\n")
                 elif not isinstance(top, MixerError):
-                    write(_text_block(path, top))
+                    # file and label names come from outside: no escape reaches the terminal
+                    write("\n".join([printable(path)] + [
+                        f"  {p:7.2%}  {printable(label) if label is not None else f'class {i}'}"
+                        for i, label, p in top]) + "\n")
                 if progress:
                     progress(done)
             finished = True
@@ -2925,33 +2911,17 @@ def _classify_cli(images, weights, variant, source, backend, top_k, resize, json
 
 
 def _entry(path, top) -> dict:
-    """One image in --json and --jsonl. ensure_ascii (the default) escapes every control
-    character, so the document is safe on a terminal; allow_nan=False where it is written:
-    never the invalid JSON `NaN` (classify refuses non-finite outputs)."""
+    """One image in --json and --jsonl (ensure_ascii: control characters escaped)."""
     if isinstance(top, MixerError):
         return {"image": path, "error": str(top)}
     return {"image": path, "top_k": [{"index": i, "label": label, "probability": p}
                                      for i, label, p in top]}
 
 
-def _indent(text: str, prefix: str) -> str:
-    return "\n".join(prefix + line for line in text.split("\n"))
-
-
-def _text_block(path, top) -> str:
-    # file names and label names come from outside: no escape sequence reaches the terminal
-    lines = [printable(path)]
-    lines += [f"  {p:7.2%}  {printable(label) if label is not None else f'class {i}'}"
-              for i, label, p in top]
-    return "\n".join(lines) + "\n"
-
-
 def _image_paths(arguments) -> tuple[list, list]:
-    """The command line's images: (paths, problems). A file argument is kept as given (whatever
-    its name: preprocess says whether it is an image); a folder gives its image files by
-    extension, searched recursively without following links to folders (so a link loop
-    cannot hang it), hidden files and folders skipped, sorted. problems: one line each for a
-    folder holding no image file and a subfolder that cannot be listed."""
+    """(paths, problems): file arguments as given; a folder's image files by extension, found
+    recursively without following links (no loop), hidden ones skipped, sorted. A problem is a
+    line for a folder without images or one that cannot be listed."""
     paths, problems = [], []
     for argument in arguments:
         if not os.path.isdir(argument):
@@ -2975,103 +2945,62 @@ def _image_paths(arguments) -> tuple[list, list]:
 
 
 class _Progress:
-    """Images classified, of how many, and the rate, on a terminal's stderr: one line redrawn
-    in place at most 10 times a second; cleared while other lines are written."""
+    """Progress on stderr, of `total` images (progress(done)) or of a download named `name`
+    (progress(done, total)). On a terminal, a line redrawn in place at most 10 times a second
+    (clear() while other lines are written); in a log, a download's line at its start, then
+    one at most every `interval` seconds: alive, yet short."""
 
-    def __init__(self, total: int, stream, clock=time.monotonic):
-        self.total, self.stream, self.clock = total, stream, clock
-        self.start, self.shown, self.drawn = clock(), None, ""
-
-    def __call__(self, done: int):
-        now = self.clock()
-        if self.shown is not None and now - self.shown < 0.1 and done < self.total:
-            self._draw(self.drawn)  # what clear() took away, as it was
-            return
-        rate = done / (now - self.start) if now > self.start else 0.0
-        self._draw(f"{done}/{self.total} images, {rate:.1f} images/s")
-        self.shown = now
-
-    def _draw(self, line):
-        self.stream.write("\r" + line)
-        self.stream.flush()
-        self.drawn = line
-
-    def clear(self):
-        if self.drawn:
-            self.stream.write("\r" + " " * len(self.drawn) + "\r")
-            self.stream.flush()
-
-    def close(self):
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _cli_pretrained(variant, source, backend, dtype, quantize=None):
-    """pretrained() with the CLI's notes on stderr; stdout stays the result (--json safe)."""
-    checkpoint = official_checkpoint(variant, source)
-    fresh = not os.path.exists(cache_path(checkpoint))
-    bar = _ProgressBar(checkpoint, sys.stderr)
-    try:
-        model = pretrained(variant, source, backend=backend, progress=bar if fresh else None,
-                           dtype=dtype, quantize=quantize)
-    finally:
-        bar.close()
-    if fresh:
-        print(f"mixer: converted {checkpoint} to {cache_path(checkpoint)}", file=sys.stderr)
-    if model.labels is None and model.config.num_classes in LABEL_SETS.values():
-        print(f"mixer: note: label files not found (looked in {' and '.join(labels_dirs())}): "
-              f"printing class indices", file=sys.stderr)
-    return model
-
-
-class _ProgressBar:
-    """download()'s progress callback for the CLI. On a terminal: a bar redrawn in place (at
-    most 10 times a second) with the rate and the time left. Elsewhere (a log, a pipe): a line
-    when the download starts, then one at most every `interval` seconds with the same figures,
-    so that a slow download shows it is alive and a log stays short."""
-
-    def __init__(self, name, stream, interval: float = 30.0, clock=time.monotonic):
-        self.name, self.stream, self.tty = name, stream, stream.isatty()
+    def __init__(self, stream, total=None, name=None, interval=30.0, clock=time.monotonic):
+        self.stream, self.tty, self.total, self.name = stream, stream.isatty(), total, name
         self.interval, self.clock = interval, clock
-        self.start = None  # (time, bytes) that the rate is measured from
-        self.shown = None  # when the last line or frame was written
-        self.drawn = ""
+        self.start = None if name else (clock(), 0)  # (time, amount) that rates are measured from
+        self.shown, self.drawn, self.cleared = None, "", False
 
-    def __call__(self, done, total):
-        now = self.clock()
-        if self.start is None or done < self.start[1]:  # the first call, or a restart at byte 0
+    def __call__(self, done: int, total: int | None = None):
+        now, total = self.clock(), total if self.name else self.total
+        if self.start is None or done < self.start[1]:  # a download's start, or a restart at 0
             self.start = (now, done)
-        elapsed = now - self.start[0]
-        rate = (done - self.start[1]) / elapsed if elapsed > 0 else 0.0
-        figures = f"{done / 2**20:.1f}" + (f"/{total / 2**20:.1f}" if total else "") + " MiB"
-        if rate > 0:
-            figures += f", {format_size(rate)}/s"
-            if total and total > done:
+        rate = (done - self.start[1]) / (now - self.start[0]) if now > self.start[0] else 0.0
+        if self.name is None:
+            figures = f"{done}/{total} images, {rate:.1f} images/s"
+        else:
+            figures = f"{done / 2**20:.1f}" + (f"/{total / 2**20:.1f}" if total else "") + " MiB"
+            if rate > 0:
+                figures += f", {format_size(rate)}/s"
+            if rate > 0 and total and total > done:
                 figures += f", {_duration((total - done) / rate)} left"
-        if self.tty:
-            self._draw(now, done, total, figures)
-        elif self.shown is None:
-            size = f" ({total / 2**20:.1f} MiB)" if total else ""
-            self._line(now, f"mixer: downloading {self.name}{size}")
-        elif now - self.shown >= self.interval:
-            self._line(now, f"mixer: downloading {self.name}: {figures}")
+        if not self.tty:
+            if self.name and self.shown is None:
+                size = f" ({total / 2**20:.1f} MiB)" if total else ""
+                self._line(now, f"mixer: downloading {self.name}{size}")
+            elif self.name and now - self.shown >= self.interval:
+                self._line(now, f"mixer: downloading {self.name}: {figures}")
+        elif self.shown is not None and now - self.shown < 0.1 and (total is None or done < total):
+            if self.cleared:
+                self._draw(self.drawn)  # what clear() took away, as it was
+        else:
+            filled = min(30, 30 * done // total) if total else 0
+            self._draw(f"{self.name} [{'#' * filled}{'.' * (30 - filled)}] {figures}"
+                       if self.name else figures)
+            self.shown = now
 
     def _line(self, now, text):
         print(text, file=self.stream, flush=True)
         self.shown = now
 
-    def _draw(self, now, done, total, figures):
-        finished = total is not None and done >= total
-        if self.shown is not None and now - self.shown < 0.1 and not finished:
-            return
-        filled = min(30, 30 * done // total) if total else 0
-        line = f"{self.name} [{'#' * filled}{'.' * (30 - filled)}] {figures}"
-        if line != self.drawn:
+    def _draw(self, line):
+        if line != self.drawn or self.cleared:
             # spaces over what a longer previous frame left at the end of the line
-            self.stream.write("\r" + line + " " * (len(self.drawn) - len(line)))
+            pad = 0 if self.cleared else len(self.drawn) - len(line)
+            self.stream.write("\r" + line + " " * pad)
             self.stream.flush()
-            self.drawn, self.shown = line, now
+        self.drawn, self.cleared = line, False
+
+    def clear(self):
+        if self.drawn and not self.cleared:
+            self.stream.write("\r" + " " * len(self.drawn) + "\r")
+            self.stream.flush()
+            self.cleared = True
 
     def close(self):
         if self.tty and self.drawn:
@@ -3093,8 +3022,8 @@ def _duration(seconds: float) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C by run_main's handlers so that the same clean-up
-    runs (temporary files removed, state saved); `signum` says which."""
+    """SIGTERM or SIGHUP (`signum`), raised like Ctrl-C by run_main so that the same clean-up
+    runs."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -3102,19 +3031,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def run_main(prog: str, body) -> int:
-    """Runs a command-line program's body() -> exit status, so that no input makes it print a
-    traceback: a MixerError (bad input) or an OSError (a file, a full disk) is one line and
-    status 2; Ctrl-C is one line and 130; SIGTERM and SIGHUP run the same clean-up as Ctrl-C and
-    exit 128 + their number; a closed stdout (`| head`) ends quietly. Anything else is a bug:
-    one line saying so (MIXER_DEBUG=1 shows the traceback), status 1. The signal handlers are
-    installed for the call only and restored afterwards."""
+    """Runs a program's body() -> exit status, never a traceback: a MixerError or OSError is one
+    line and 2; Ctrl-C one line and 130; SIGTERM and SIGHUP (handlers installed for the call
+    only) the same clean-up and 128 + their number; a closed stdout (`| head`) quietly 141; a
+    bug one line and 1 (MIXER_DEBUG=1 shows the traceback)."""
     def terminate(signum, frame):
         raise Terminated(signum)
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for name in ("SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
-                sig = getattr(signal, name)
+        for sig in (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP")):
+            if sig is not None:
                 old[sig] = signal.signal(sig, terminate)
     try:
         return body()
@@ -3149,31 +3075,32 @@ def _fail(prog: str, message: str, status: int) -> int:
     return status
 
 
-def _show_weights_cli(out, weights, variant, source, backend, dtype, blocks, units) -> str:
+def _show_weights_cli(args, out, blocks, units) -> str:
     """--show-weights: the picture written to `out`; returns the line that says so."""
-    if weights is not None and variant is not None:
-        raise MixerError("give --weights FILE or --variant NAME, not both")
-    if weights is None and variant is None:
+    if args.quantize:
+        raise MixerError("--quantize goes with classifying images, not --show-weights")
+    if args.images:
+        raise MixerError("--show-weights draws the weights; give no IMAGE with it")
+    if args.weights is None and args.variant is None:
         raise MixerError("--show-weights needs --weights FILE.safetensors or --variant NAME")
-    if source is not None and variant is None:
-        raise MixerError("--source picks an official checkpoint: use it with --variant")
+    _check_model_args(args.weights, args.variant, args.source)
     # validated before a large model is loaded: a mistyped number is a quick error
     blocks = positive_int(SHOW_BLOCKS if blocks is None else blocks, "--blocks")
     units = positive_int(SHOW_UNITS if units is None else units, "--units")
-    backend = backend or "numpy"  # the weights are only read: numpy needs no start-up
-    model = (_cli_pretrained(variant, source, backend, dtype) if variant is not None else
-             load(weights, backend=backend, dtype=dtype))
+    # the weights are only read: numpy needs no start-up
+    model = _cli_model(args.weights, args.variant, args.source, args.backend or "numpy",
+                       args.dtype)
     width, height = show_weights(model, out, blocks=blocks, units=units)
     return f"wrote {printable(os.fspath(out))} ({width}x{height})\n"
 
 
 def main(argv=None) -> int:
+    """The `mixer` command: classify images, or draw the weights (--show-weights)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    picture = {k: getattr(args, k) for k in ("show_weights", "blocks", "units")}
-    for k in picture:
-        delattr(args, k)
-    if picture["show_weights"] is None and not args.images:
+    picture = [args.show_weights, args.blocks, args.units]
+    del args.show_weights, args.blocks, args.units
+    if picture[0] is None and not args.images:
         parser.error("the following arguments are required: IMAGE (or --show-weights OUT.png)")
 
     def write(text):
@@ -3181,19 +3108,12 @@ def main(argv=None) -> int:
         sys.stdout.flush()  # each result as it is ready; flushed here: a closed pipe is caught
 
     def body():
-        if picture["show_weights"] is not None:
-            if args.quantize:
-                raise MixerError("--quantize goes with classifying images, not --show-weights")
-            if args.images:
-                raise MixerError("--show-weights draws the weights; give no IMAGE with it")
-            write(_show_weights_cli(picture["show_weights"], args.weights, args.variant,
-                                    args.source, args.backend, args.dtype, picture["blocks"],
-                                    picture["units"]))
+        if picture[0] is not None:
+            write(_show_weights_cli(args, *picture))
             return 0
-        if picture["blocks"] is not None or picture["units"] is not None:
+        if picture[1] is not None or picture[2] is not None:
             raise MixerError("--blocks and --units go with --show-weights")
-        skipped = _classify_cli(**vars(args), write=write)
-        return 2 if skipped else 0
+        return 2 if _classify_cli(**vars(args), write=write) else 0
     return run_main("mixer", body)
 
 

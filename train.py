@@ -773,7 +773,8 @@ def inception_crop(width: int, height: int, rng, scale=CROP_SCALE, ratio=CROP_RA
 def largest_reduction(width: int, height: int, size: int) -> float:
     """By how much (per side) a width x height image may be shrunk before inception_crop cuts
     it while every crop it can draw keeps at least `size` pixels on each side (below 1: some
-    crops have fewer even at full resolution, and the image is not shrunk).
+    crops have fewer even at full resolution, and the image is not shrunk): mixer.Picture's
+    max_reduction for augmented training.
 
     The narrowest crops: CROP_SCALE[0] of the area at the extreme aspect ratio, that is
     round(sqrt(0.08 * 3/4 * area)) pixels on their short side; or, when inception_crop's ten
@@ -783,110 +784,17 @@ def largest_reduction(width: int, height: int, size: int) -> float:
     return min(round(narrowest), width, height) / size
 
 
-# EXIF orientation -> Pillow's transpose that shows the image upright (as in
-# ImageOps.exif_transpose), and how a point of the upright image maps back to the image as
-# stored: x mirrored, y mirrored, then x and y swapped.
-ORIENTATIONS = {2: ("FLIP_LEFT_RIGHT", True, False, False), 3: ("ROTATE_180", True, True, False),
-                4: ("FLIP_TOP_BOTTOM", False, True, False), 5: ("TRANSPOSE", False, False, True),
-                6: ("ROTATE_270", True, False, True), 7: ("TRANSVERSE", True, True, True),
-                8: ("ROTATE_90", False, True, True)}
-EXIF_ORIENTATION = 0x0112
-
-
-def _stored_box(box, width: int, height: int, orientation: int):
-    """A box of the upright width x height image -> the same pixels' box in the stored image."""
-    if orientation not in ORIENTATIONS:
-        return box
-    _, mirror_x, mirror_y, swap = ORIENTATIONS[orientation]
-    x0, y0, x1, y1 = box
-    if mirror_x:
-        x0, x1 = width - x1, width - x0
-    if mirror_y:
-        y0, y1 = height - y1, height - y0
-    return (y0, x0, y1, x1) if swap else (x0, y0, x1, y1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Reduced:
-    """A training image decoded once, as augmentation needs it (and as DecodeCache keeps it):
-    RGB pixels of the image as stored, `factor` times smaller per side than the file; the size
-    and EXIF orientation of the file's image, in whose upright coordinates crops are drawn."""
-    pixels: np.ndarray  # uint8 (rows, columns, 3), read-only
-    factor: int
-    width: int  # upright, at full resolution
-    height: int
-    orientation: int
-
-    @classmethod
-    def decode(cls, path: str, size: int) -> tuple["Reduced", tuple]:
-        """The image at `path` at the largest reduction that largest_reduction allows: libjpeg
-        decodes a JPEG at 1/2, 1/4 or 1/8 scale itself (Pillow's draft mode: a few times less
-        work than a full decode), and Image.reduce averages whole blocks of pixels where the
-        image is still 2 or more times larger than needed (other formats; a JPEG beyond 8x).
-        -> (the image, the file's signature as it was read). Raises what Pillow raises."""
-        Image, _ = mixer._import_pil()
-        with mixer.open_regular(path, what="an image") as f, Image.open(f) as img:
-            signature = _signature(os.fstat(f.fileno()))
-            width, height = img.size
-            limit = Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x its limit
-            if limit is not None and width * height > limit:
-                raise Image.DecompressionBombError(f"{width}x{height} is more than Pillow's "
-                                                   f"limit of {limit} pixels")
-            most = largest_reduction(width, height, size)
-            factor = 1
-            if most >= 2:
-                # draft picks the largest of 1/2, 1/4, 1/8 that leaves the size asked for
-                drafted = img.draft("RGB", (math.ceil(width / most), math.ceil(height / most)))
-                if drafted is not None:  # a JPEG: it returns the full image's box, rescaled
-                    factor = round(width / drafted[1][2])
-            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-            rgb = mixer._to_rgb(img)
-            extra = int(most / factor)  # what draft left (all of it for other formats)
-            if extra >= 2:  # only where it pays: reduce averages extra x extra blocks
-                rgb, factor = rgb.reduce(extra), factor * extra
-            pixels = np.asarray(rgb)  # decoded here, while the file is open
-        pixels.flags.writeable = False  # shared by the threads that crop it
-        if orientation in ORIENTATIONS and ORIENTATIONS[orientation][3]:  # a quarter turn
-            width, height = height, width
-        return cls(pixels, factor, width, height, orientation), signature
-
-    def crop(self, box, size: int):
-        """The upright image's `box` (full-resolution coordinates), bicubic-resized to
-        size x size: an upright RGB PIL image."""
-        Image, _ = mixer._import_pil()
-        x0, y0, x1, y1 = (v / self.factor for v in
-                          _stored_box(box, self.width, self.height, self.orientation))
-        # Only the pixels that the filter reads become a PIL image: bicubic reads 2 pixels
-        # either side of an output pixel's centre, times the scale when shrinking.
-        mx = math.ceil(2 * max((x1 - x0) / size, 1)) + 1
-        my = math.ceil(2 * max((y1 - y0) / size, 1)) + 1
-        rows, cols = self.pixels.shape[:2]
-        c0, r0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
-        c1, r1 = min(cols, math.ceil(x1) + mx), min(rows, math.ceil(y1) + my)
-        img = Image.fromarray(np.ascontiguousarray(self.pixels[r0:r1, c0:c1]))
-        img = img.resize((size, size), Image.BICUBIC, box=(x0 - c0, y0 - r0, x1 - c0, y1 - r0))
-        if self.orientation in ORIENTATIONS:  # the output, not the image, turned upright
-            img = img.transpose(Image.Transpose[ORIENTATIONS[self.orientation][0]])
-        return img
-
-
-def _signature(st: os.stat_result) -> tuple:
-    """What tells a file's version apart: a rewrite changes the size or the times, a
-    replacement (rename over it) the inode."""
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
-
-
 class DecodeCache:
     """Decoded images kept in this process's memory, so that later epochs and evaluations do
     not decode the same files again. Nothing is written to disk: the cache lives and dies with
     the run, each process of a data-parallel run has its own, and there is nothing to clean up
     or to invalidate between runs.
 
-    Each entry holds the file's signature (size, modification and change times, inode) as it
-    was read: a file changed since is decoded again, and its old entry dropped. At most
-    `budget` bytes of arrays are kept; once full, new images are not added (the order is
-    shuffled every epoch, so any policy hits about the share that fits; this one never throws
-    away what it paid to decode). Thread-safe.
+    Each entry holds the file's signature (mixer.file_signature: size, modification and change
+    times, inode) as it was read: a file changed since is decoded again, and its old entry
+    dropped. At most `budget` bytes of arrays are kept; once full, new images are not added
+    (the order is shuffled every epoch, so any policy hits about the share that fits; this one
+    never throws away what it paid to decode). Thread-safe.
     """
 
     def __init__(self, budget: int):
@@ -898,7 +806,7 @@ class DecodeCache:
         """The value stored under `key` if `path` is still the file it was read from, else
         None."""
         try:
-            signature = _signature(os.stat(path))
+            signature = mixer.file_signature(path)
         except OSError:
             return None
         with self._lock:
@@ -954,31 +862,28 @@ class Loader:
     def decode(self, path: str, position: int):
         """float32 (size, size, 3) in [-1, 1], or None if the file cannot be decoded: pixels()
         as the model sees it, with mixer.preprocess's arithmetic."""
-        if not self.augment:
-            return _try_preprocess(path, self.size, self.resize, self.cache)
         pixels = self.pixels(path, position)
         return None if pixels is None else pixels.astype(np.float32) / 127.5 - 1.0
 
     def pixels(self, path: str, position: int):
         """uint8 RGB (size, size, 3), or None if the file cannot be decoded: what batches()
         hands out, a quarter of float32's bytes to stack and move; the trainer normalises on
-        the device (Trainer.accumulate)."""
+        the device (Trainer.accumulate). Augmented: an inception crop of the picture, decoded
+        once at the largest reduction that keeps every crop's pixels, and a coin-flip mirror;
+        else mixer.preprocess's pixels."""
         if not self.augment:
-            image = _try_preprocess(path, self.size, self.resize, self.cache)
-            return None if image is None else pixels_of(image)
-        Image, _ = mixer._import_pil()
-        try:
-            image = self.cache.get(("augment", path), path)
-            if image is None:
-                image, signature = Reduced.decode(path, self.size)
-                self.cache.put(("augment", path), signature, image, image.pixels.nbytes)
-            rng = np.random.default_rng([self.seed, 1, position])
-            img = image.crop(inception_crop(image.width, image.height, rng), self.size)
-            if rng.random() < 0.5:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return np.asarray(img, dtype=np.uint8)
-        except (MixerError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            return None
+            return preprocessed(path, self.size, self.resize, self.cache)
+        picture = self.cache.get(("augment", path), path)
+        if picture is None:
+            try:
+                picture = mixer.Picture.open(
+                    path, lambda width, height: largest_reduction(width, height, self.size))
+            except MixerError:
+                return None
+            self.cache.put(("augment", path), picture.signature, picture, picture.pixels.nbytes)
+        rng = np.random.default_rng([self.seed, 1, position])
+        pixels = picture.crop(inception_crop(picture.width, picture.height, rng), self.size)
+        return pixels[:, ::-1] if rng.random() < 0.5 else pixels
 
     def batches(self, first_step: int, batch_size: int, rank: int, size: int, depth: int = 2):
         """Yields, from step `first_step` (1-based) on, this rank's share of each global batch:
@@ -1017,12 +922,6 @@ class Loader:
         return np.stack(images), one_hot(self.split.labels[index], self.num_classes)
 
 
-def pixels_of(image: np.ndarray) -> np.ndarray:
-    """mixer.preprocess's output back to its uint8 pixels, exactly: preprocess maps pixel v to
-    v / 127.5 - 1, 0.0078 apart, far more than float32's rounding (6e-8 near 1)."""
-    return np.rint((image + 1.0) * 127.5).astype(np.uint8)
-
-
 def one_hot(labels, num_classes: int) -> np.ndarray:
     out = np.zeros((len(labels), num_classes), np.float32)
     out[np.arange(len(labels)), labels] = 1.0
@@ -1037,7 +936,7 @@ def evaluate(trainer: Trainer, split: Split, image_size: int, resize: str, batch
     xp = trainer.xp
     index = list(range(xp.rank, len(split.files), xp.size))
     chunks = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
-    decode = lambda i: _try_preprocess(split.files[i], image_size, resize, cache)  # noqa: E731
+    decode = lambda i: preprocessed(split.files[i], image_size, resize, cache)  # noqa: E731
     pending = collections.deque()
     correct = seen = 0
     for n in range(len(chunks)):
@@ -1048,7 +947,7 @@ def evaluate(trainer: Trainer, split: Split, image_size: int, resize: str, batch
         if not good:
             continue
         x = np.zeros((batch_size, image_size, image_size, 3), np.float32)
-        x[:len(good)] = [images[j] for j in good]
+        x[:len(good)] = np.stack([images[j] for j in good]).astype(np.float32) / 127.5 - 1.0
         predicted = trainer.logits(x)[:len(good)].argmax(axis=1)
         correct += int((predicted == split.labels[[chunks[n][j] for j in good]]).sum())
         seen += len(good)
@@ -1059,21 +958,19 @@ def evaluate(trainer: Trainer, split: Split, image_size: int, resize: str, batch
     return correct / seen
 
 
-def _try_preprocess(path, size, resize, cache: DecodeCache):
-    """mixer.preprocess(path), kept in `cache`; None if the file cannot be decoded."""
-    image = cache.get(("preprocess", path), path)
-    if image is not None:
-        return image
-    try:
-        # the signature is taken before the read: a file that changes while it is read is
-        # then decoded again at its next use, never kept as if it were current
-        signature = _signature(os.stat(path))
-        image = mixer.preprocess(path, size=size, resize=resize)
-    except (OSError, MixerError):
-        return None
-    image.flags.writeable = False
-    cache.put(("preprocess", path), signature, image, image.nbytes)
-    return image
+def preprocessed(path, size, resize, cache: DecodeCache):
+    """mixer.preprocess(path)'s pixels, uint8 (size, size, 3), kept in `cache`; None if the
+    file cannot be decoded."""
+    pixels = cache.get(("preprocess", path), path)
+    if pixels is None:
+        try:
+            picture = mixer.Picture.open(path, mixer.preprocess_reduction(size, resize))
+        except MixerError:
+            return None
+        pixels = picture.evaluation(size, resize)
+        pixels.flags.writeable = False
+        cache.put(("preprocess", path), picture.signature, pixels, pixels.nbytes)
+    return pixels
 
 
 # --------------------------------------------------------------------------------------------

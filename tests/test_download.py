@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -113,8 +114,10 @@ def image(tmp_path_factory):
 
 
 def mixer_env(url, home, **more) -> dict[str, str]:
-    return {**os.environ, "MIXER_WEIGHTS_URL": url, "MIXER_HOME": str(home),
-            "MIXER_BACKEND": "numpy", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **more}
+    # MIXER_LABELS_URL too: nothing may be fetched from the internet
+    return {**os.environ, "MIXER_WEIGHTS_URL": url, "MIXER_LABELS_URL": url,
+            "MIXER_HOME": str(home), "MIXER_BACKEND": "numpy", "NO_PROXY": "127.0.0.1",
+            "no_proxy": "127.0.0.1", **more}
 
 
 def run_mixer(args, url, home, script=os.path.join(REPO, "mixer.py"), cwd=REPO, **env):
@@ -287,26 +290,92 @@ def test_no_network_says_how_to_convert_locally(image, tmp_path):
     assert not home.exists() or os.listdir(home) == []
 
 
-def test_lone_copy_of_mixer_py_downloads_and_reports_indices(server, image, tmp_path):
-    """mixer.py copied alone (no convert.py, no labels/) still downloads, converts and
-    classifies; without label files it prints class indices and says why on stderr."""
+LEMMAS = "/ilsvrc2012_wordnet_lemmas.txt"
+
+
+def lemmas(n=1000) -> bytes:
+    """A label list as the official one is written: WordNet lemmas, underscores for spaces."""
+    return "".join(f"name_{i}, Latin_name_{i}\n" for i in range(n)).encode()
+
+
+def stall_after_headers(handler, server):
+    handler.send_response(200)
+    handler.send_header("Content-Length", "100000")
+    handler.end_headers()
+    server.stop.wait(30)
+
+
+def run_lone_copy(server, tmp_path, **env):
+    """mixer.py copied alone into a folder (no convert.py, no labels/), run on an image with
+    --variant S/32 against `server`; an installed copy of the labels (sys.prefix/share/
+    mlp-mixer) would be found, so the folders looked in are only the copy's own."""
     alone = tmp_path / "project"
-    alone.mkdir()
+    alone.mkdir(exist_ok=True)
     shutil.copy(os.path.join(REPO, "mixer.py"), alone)
     server.files["/gsam/Mixer-S_32.npz"] = checkpoint_bytes()
-    # An installed copy of the labels (sys.prefix/share/mlp-mixer) would be found: hide it.
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
     code = ("import sys, mixer; mixer.labels_dirs = lambda: [sys.argv[1]]; "
             "sys.exit(mixer.main(sys.argv[2:]))")
-    env = {**os.environ, "MIXER_WEIGHTS_URL": server.url, "MIXER_HOME": str(tmp_path / "cache"),
-           "MIXER_BACKEND": "numpy", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    result = subprocess.run([sys.executable, "-c", code, str(alone / "labels"), image,
+    result = subprocess.run([sys.executable, "-c", code, str(alone / "labels"), str(image),
                              "--variant", "S/32", "--top-k", "1"], capture_output=True,
-                            text=True, env=env, cwd=alone, timeout=120)
+                            text=True, env=mixer_env(server.url, tmp_path / "cache", **env),
+                            cwd=alone, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(alone)) == ["mixer.py"]
+    return result
+
+
+def test_lone_copy_fetches_the_label_names(server, tmp_path):
+    """A lone copy fetches the official names from MIXER_LABELS_URL with the weights, shows them
+    with spaces for the underscores, keeps them in the cache and in the converted file, and
+    needs the server no more."""
+    server.files[LEMMAS] = lemmas()
+    result = run_lone_copy(server, tmp_path)
+    assert result.stdout.splitlines()[1].endswith("%  name 0, Latin name 0")
+    assert "label files not found" not in result.stderr
+    cache = tmp_path / "cache"
+    assert (cache / "imagenet1k.txt").read_text().splitlines()[999] == "name 999, Latin name 999"
+    assert sorted(os.listdir(cache)) == ["gsam-Mixer-S_32.safetensors", "imagenet1k.txt"]
+    model = mixer.load(cache / "gsam-Mixer-S_32.safetensors", backend="numpy")
+    assert model.labels[:2] == ["name 0, Latin name 0", "name 1, Latin name 1"]
+    server.files.clear()
+    again = run_lone_copy(server, tmp_path)
+    assert again.stdout == result.stdout and again.stderr == ""
+    assert [path for path, _ in server.requests] == ["/gsam/Mixer-S_32.npz", LEMMAS]
+
+
+BAD_LABELS = {  # what the server does with the label list -> what the cache holds
+    "a wrong line count": lambda server: server.files.update({LEMMAS: lemmas(999)}),
+    "binary junk": lambda server: server.files.update({LEMMAS: bytes(range(256)) * 40}),
+    "a control character": lambda server: server.files.update(
+        {LEMMAS: lemmas().replace(b"name_5,", b"\x1b[2J,")}),
+    "a huge file": lambda server: server.files.update({LEMMAS: b"x" * 300 * 1000 + b"\n"}),
+    "a stall": lambda server: server.custom.update({LEMMAS: stall_after_headers}),
+    "no such file": lambda server: None,
+}
+
+
+@pytest.mark.parametrize("how", sorted(BAD_LABELS))
+def test_lone_copy_without_usable_label_names(server, tmp_path, how):
+    """A label list that is not the official one, or none (a 404, a stall that the deadline
+    ends), is refused: the lone copy prints class indices, says why in one note, and caches
+    the weights only."""
+    BAD_LABELS[how](server)
+    start = time.monotonic()
+    result = run_lone_copy(server, tmp_path, MIXER_DOWNLOAD_TIMEOUT="2")
+    assert time.monotonic() - start < 60
     assert result.stdout.splitlines()[1].endswith("class 0")
     notes = [line for line in result.stderr.splitlines() if "label files not found" in line]
-    assert len(notes) == 1
-    assert sorted(os.listdir(alone)) == ["mixer.py"]
+    assert len(notes) == 1, result.stderr
+    assert os.listdir(tmp_path / "cache") == ["gsam-Mixer-S_32.safetensors"]
+
+
+def test_lone_copy_offline_reports_indices(server, tmp_path):
+    """No server for the labels at all (offline): the weights from a mirror, class indices."""
+    result = run_lone_copy(server, tmp_path, MIXER_LABELS_URL="http://127.0.0.1:9/")
+    assert result.stdout.splitlines()[1].endswith("class 0")
+    assert sum("label files not found" in line for line in result.stderr.splitlines()) == 1
 
 
 def test_imagenet21k_names_on_the_command_line(tmp_path, image):
@@ -352,7 +421,7 @@ def test_progress_bar_draws_in_place_on_a_terminal():
             return True
 
     stream, clock = Terminal(), Clock()
-    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream, clock=clock)
+    bar = mixer._Progress(stream, name="gsam/Mixer-S_32.npz", clock=clock)
     # (seconds since the start, MiB done) of 4 MiB; a call within 0.1 s of a frame is not
     # drawn, except the last one
     for seconds, mib in [(0, 0), (0.05, 0.5), (2, 1), (2.05, 1.5), (2.1, 4)]:
@@ -370,7 +439,7 @@ def test_progress_in_a_log_is_a_line_every_interval():
     """Not a terminal: one line at the start, then at most one per interval with the amount,
     the rate since the start and the time left, so that a slow download is seen to be alive."""
     stream, clock = io.StringIO(), Clock()
-    bar = mixer._ProgressBar("gsam/Mixer-S_32.npz", stream, interval=30, clock=clock)
+    bar = mixer._Progress(stream, name="gsam/Mixer-S_32.npz", interval=30, clock=clock)
     for seconds, kib in [(0, 0), (10, 100), (32, 1024), (40, 1200), (61, 1300), (64, 2048),
                          (3600, 2048)]:
         clock.now = 100.0 + seconds

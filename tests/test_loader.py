@@ -1,5 +1,5 @@
-"""train.py's training input: reduced-scale decoding for augmented crops, and the cache of
-decoded images (bounded, invalidated by a changed file, invisible in the results).
+"""train.py's training input: mixer.Picture's reduced-scale decoding for augmented crops, and
+the cache of decoded images (bounded, invalidated by a changed file, invisible in the results).
 
 The images are generated here: photo-like 1600x1200 pictures (smooth gradients, shapes, mild
 noise), small enough for a quick test and large enough for libjpeg's 1/2 to 1/8 scales.
@@ -46,15 +46,20 @@ def photo(seed: int, width=1600, height=1200) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+# EXIF orientation -> the transpose that shows the stored image upright (the EXIF standard)
+UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+           6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
 def save(img: Image.Image, path, orientation: int = 1) -> str:
     """Saves `img` so that it shows upright: stored turned by the inverse of `orientation`,
     with that EXIF orientation."""
     exif = Image.Exif()
-    exif[train.EXIF_ORIENTATION] = orientation
-    if orientation in train.ORIENTATIONS:
+    exif[0x0112] = orientation
+    if orientation in UPRIGHT:
         # each of the 8 orientations is its own inverse, except the two quarter turns
         inverse = {"ROTATE_90": "ROTATE_270", "ROTATE_270": "ROTATE_90"}
-        name = train.ORIENTATIONS[orientation][0]
+        name = UPRIGHT[orientation]
         img = img.transpose(Image.Transpose[inverse.get(name, name)])
     path = str(path)
     img.save(path, **({"quality": 90} if path.endswith(".jpg") else {}), exif=exif.tobytes())
@@ -64,7 +69,11 @@ def save(img: Image.Image, path, orientation: int = 1) -> str:
 def upright(path) -> Image.Image:
     """The file's image at full resolution, upright, RGB: what augmentation is defined on."""
     with Image.open(path) as img:
-        return mixer._to_rgb(ImageOps.exif_transpose(img))
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "I;16":  # 16 bits to 8, rounded
+            a = np.asarray(img, np.float64) / 65535 * 255 + 0.5
+            return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
 
 
 def reference(img, size, seed, position):
@@ -97,6 +106,11 @@ def loader(split, size, cache=None, augment=True, pool=None):
     return train.Loader(split, 2, size, "crop", augment, 7, pool, lambda msg: None, cache)
 
 
+def decode(path, size) -> mixer.Picture:
+    """The picture as augmented training decodes it for crops of `size`."""
+    return mixer.Picture.open(path, lambda w, h: train.largest_reduction(w, h, size))
+
+
 # --------------------------------------------------------------------------------------------
 # Reduced-scale decoding.
 
@@ -120,8 +134,8 @@ def test_jpegs_are_decoded_at_the_largest_scale_that_keeps_enough_pixels(photos,
     """A 1600x1200 JPEG's narrowest crop has 339 pixels a side: libjpeg's 1/8 leaves 42 of
     them (enough for 32), 1/4 leaves 85 (64), 1/2 leaves 170 (96), none for 224."""
     path = os.path.join(photos, "train", "a", "0.jpg")
-    image, _ = train.Reduced.decode(path, size)
-    assert image.factor == factor
+    image = decode(path, size)
+    assert image.scale == factor
     assert image.pixels.shape == (1200 // factor, 1600 // factor, 3)
     assert (image.width, image.height) == (1600, 1200)
 
@@ -144,9 +158,10 @@ def test_reduced_crops_match_full_resolution_crops(tmp_path, case):
         img = Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 257)
     path = save(img, tmp_path / f"image.{'jpg' if kind == 'jpeg' else 'png'}", orientation)
     size = 32
-    image, _ = train.Reduced.decode(path, size)
-    assert image.factor == (8 if kind == "jpeg" else 10)  # PNG: Image.reduce(10)
+    image = decode(path, size)
+    assert image.scale == (8 if kind == "jpeg" else 10)  # PNG: Image.reduce(10)
     assert (image.width, image.height) == (1600, 1200)  # upright
+    assert image.pixels.shape == (1200 // image.scale, 1600 // image.scale, 3)
     augment, full = loader(None, size), upright(path)
     errors, others = [], []
     for position in range(12):
@@ -162,8 +177,8 @@ def test_small_images_are_decoded_whole(tmp_path):
     """An image whose narrowest crop is already under the input size is not reduced, and its
     crops are exactly the full-resolution ones."""
     path = save(photo(2, 320, 240), tmp_path / "small.jpg", orientation=6)
-    image, _ = train.Reduced.decode(path, 64)
-    assert image.factor == 1 and image.pixels.shape == (320, 240, 3)  # as stored: turned
+    image = decode(path, 64)
+    assert image.scale == 1 and image.pixels.shape == (240, 320, 3)  # upright
     augment, full = loader(None, 64), upright(path)
     for position in range(6):
         np.testing.assert_allclose(augment.decode(path, position),
@@ -179,14 +194,14 @@ def scan(root, pool):
 
 
 def count_decodes(monkeypatch):
-    """Counts Reduced.decode calls (the file reads of augmented training)."""
+    """Counts mixer.Picture.open calls (the file reads)."""
     calls = []
-    decode = train.Reduced.decode
+    decode = mixer.Picture.open
 
-    def counted(path, size):
+    def counted(path, max_reduction=None):
         calls.append(path)
-        return decode(path, size)
-    monkeypatch.setattr(train.Reduced, "decode", staticmethod(counted))
+        return decode(path, max_reduction)
+    monkeypatch.setattr(mixer.Picture, "open", staticmethod(counted))
     return calls
 
 
@@ -201,12 +216,13 @@ def test_the_cache_returns_what_a_fresh_decode_returns(photos, pool, monkeypatch
         np.testing.assert_array_equal(cached.decode(f, p), fresh.decode(f, p))
     assert len(calls) == 8 + 16  # only `fresh` decoded
     np.testing.assert_array_equal(cached.decode(split.files[0], 0), first[0])
-    # --no-augment and evaluation: mixer.preprocess's arrays, kept as they are
+    # --no-augment and evaluation: mixer.preprocess's pixels, kept as uint8, decoded once
     plain = loader(split, 32, cache, augment=False)
     for f in split.files[:3]:
         for _ in range(2):
             np.testing.assert_array_equal(plain.decode(f, 0), mixer.preprocess(f, size=32))
-    assert cache.used == 8 * 150 * 200 * 3 + 3 * 32 * 32 * 3 * 4
+    assert len(calls) == 24 + 3  # once each: the second time from the cache
+    assert cache.used == 8 * 150 * 200 * 3 + 3 * 32 * 32 * 3
 
 
 @pytest.mark.parametrize("change", ["rewritten", "replaced"])
@@ -275,8 +291,9 @@ def test_a_cached_image_cannot_be_changed_by_its_users(photos, pool):
     split = scan(photos, pool)
     cache = train.DecodeCache(2**30)
     loader(split, 32, cache).decode(split.files[0], 0)
-    plain = loader(split, 32, cache, augment=False).decode(split.files[0], 0)
+    loader(split, 32, cache, augment=False).decode(split.files[0], 0)
     image = cache.get(("augment", split.files[0]), split.files[0])
+    plain = cache.get(("preprocess", split.files[0]), split.files[0])
     for array in (image.pixels, plain):
         with pytest.raises(ValueError, match="read-only"):
             array[0, 0] = 0
@@ -303,10 +320,12 @@ def test_decode_cache_option(tmp_path, capsys):
 def test_images_over_pillows_limit_are_skipped(tmp_path, monkeypatch):
     """Between 1x and 2x its limit Pillow only warns (two lines on stderr) and decodes: the
     loader refuses such an image like an unreadable one, as mixer.preprocess does."""
-    from PIL import Image
     path = str(tmp_path / "big.png")
     Image.new("RGB", (300, 200), (10, 20, 30)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40000)  # 60000 pixels: 1.5x the limit
-    with pytest.raises(Image.DecompressionBombError, match="300x200 is more than"), \
-            pytest.warns(Image.DecompressionBombWarning):  # Pillow's own, at open
-        train.Reduced.decode(path, 16)
+    for augment in (True, False):
+        with pytest.warns(Image.DecompressionBombWarning):  # Pillow's own, at open
+            assert loader(None, 16, augment=augment).decode(path, 0) is None
+    with pytest.raises(mixer.MixerError, match="300x200 is 60000 pixels, more than Pillow's"), \
+            pytest.warns(Image.DecompressionBombWarning):
+        decode(path, 16)

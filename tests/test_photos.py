@@ -84,10 +84,14 @@ def test_jpeg_is_decoded_at_reduced_scale(large, monkeypatch):
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
                         lambda self, mode, size: drafted.append(size) or draft(self, mode, size))
     fast = mixer.preprocess(large["rgb.jpg"])
-    assert drafted == [(512, 512)]  # twice the 256 that the crop resizes the shorter side to
+    assert len(drafted) == 1
+    # 1/2 scale keeps the shorter side at 750, at least twice the 256 the crop resizes it to
+    picture = mixer.Picture.open(large["rgb.jpg"], mixer.preprocess_reduction(224))
+    assert picture.scale == 2 and picture.pixels.shape == (750, 1000, 3)
+    assert (picture.width, picture.height) == (2000, 1500)
     image = Image.open(large["rgb.jpg"])
     from_image = mixer.preprocess(image)
-    assert len(drafted) == 1 and image.size == (2000, 1500)
+    assert len(drafted) == 2 and image.size == (2000, 1500)
     assert mean_difference(from_image, fast) <= TOLERANCE
     np.testing.assert_array_equal(mixer.preprocess(image, exact=True),
                                   mixer.preprocess(large["rgb.jpg"], exact=True))
