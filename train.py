@@ -517,6 +517,7 @@ CPU_MEMORY_SHARE = 0.25
 # The process itself: 50 MiB RSS with train, mixer, MLX and Pillow imported (measured); the rest
 # leaves room for the decoding threads and MLX's compiled kernels (not measured apart).
 PROCESS_BYTES = 256 * 2**20
+MAX_MEMORY_BUDGET = 2**20  # GiB (a pebibyte): more than any device; 1e300 overflowed
 
 
 def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
@@ -1418,10 +1419,20 @@ class _RunDir:
 
 
 def _make_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
+    """Creates the folders above `path`, one by one: os.makedirs recurses once per missing
+    folder, a RecursionError for a deep --out."""
+    parent, missing = os.path.dirname(os.path.abspath(path)), []
+    while not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        parent, name = os.path.split(parent)
+        missing.append(name)
     try:
-        os.makedirs(parent, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # a file where a folder should be
+        for name in reversed(missing):
+            parent = os.path.join(parent, name)
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another run
+                os.mkdir(parent)
+            if not os.path.isdir(parent):  # a file where a folder should be
+                raise NotADirectoryError
+    except NotADirectoryError:
         raise MixerError(f"cannot create the run directory {path}: {parent} is not a "
                          f"directory") from None
     except OSError as e:
@@ -1592,6 +1603,9 @@ def _check_values(settings: dict) -> None:
         if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
             raise MixerError(f"--{k.replace('_', '-')} must be a finite positive number, got "
                              f"{settings[k]}")
+    if (settings.get("memory_budget") or 0) > MAX_MEMORY_BUDGET:
+        raise MixerError(f"--memory-budget must be at most {MAX_MEMORY_BUDGET} (GiB), got "
+                         f"{settings['memory_budget']}: give the device's memory in GiB")
     for k in ("warmup", "seed"):  # numpy's generators take non-negative seeds only
         if settings.get(k) is not None and settings[k] < 0:
             raise MixerError(f"--{k} must be at least 0, got {settings[k]}")
@@ -2464,7 +2478,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-budget", type=float, metavar="GIB",
                      help="memory a process may use, for choosing the micro-batch (default: an "
                           "Apple GPU's recommended working set, a CUDA GPU's free memory, else "
-                          f"{CPU_MEMORY_SHARE:.0%} of available RAM)")
+                          f"{CPU_MEMORY_SHARE * 100:.0f}%% of available RAM)")
     run.add_argument("--workers", type=int, help="image decoding threads (default: cores, <= 8)")
     run.add_argument("--decode-cache-mib", type=int, metavar="MIB",
                      help="memory for decoded images kept between epochs, per process "

@@ -596,3 +596,35 @@ def test_dataset_names_are_escaped(tmp_path, capsys):
     assert code == 0, err
     assert any("bad\\x1b[2J.png" in line for line in err), err
     assert not any("\x1b" in line for line in err), err
+
+
+@pytest.mark.parametrize("program", ["mixer.py", "convert.py", "train.py", "bench.py",
+                                     os.path.join("examples", "shapes.py")])
+def test_every_help_runs(program):
+    """train.py's --help crashed (TypeError: %o format) on a '%' in the --memory-budget help."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, program), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout and done.stderr == "", done.stderr
+    if program == "train.py":
+        assert "25% of available RAM" in " ".join(done.stdout.split())
+
+
+@pytest.mark.parametrize("value", ["1e300", "1e308", "nan", "inf", "0", "-1"])
+def test_memory_budget_out_of_range_exit_2(data, tmp_path, capsys, value):
+    """--memory-budget 1e300 was 'internal error: OverflowError' (bytes as an int)."""
+    code, err = cli(capsys, data, *TINY, "--steps", "1", "--memory-budget", value,
+                    "--out", tmp_path / "r")
+    assert_refused(code, err, f"--memory-budget must be")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_deep_out_folder(data, tmp_path, capsys):
+    """--out 1500 missing folders deep was 'internal error: RecursionError' (os.makedirs
+    recurses once per missing folder): the folders are made one by one."""
+    out = os.path.join(tmp_path, *["d"] * 1500, "run")
+    code, err = cli(capsys, data, *TINY, "--steps", "1", "--out", out)
+    assert code == 0, err[-1:]
+    assert os.path.isfile(os.path.join(out, "last.safetensors"))
+    shutil.rmtree(out)
+    for depth in range(1500, 0, -1):  # shutil.rmtree recurses too
+        os.rmdir(os.path.join(tmp_path, *["d"] * depth))
