@@ -72,7 +72,7 @@ def test_default_run_dirs_started_in_the_same_second_differ(data, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train.time, "strftime", lambda *args: "20250101-120000")
     os.makedirs("runs/20250101-120000")  # made by another run in the same second
-    first = train._RunDir.claim_new(None)  # a run that is still going
+    first = train.RunDir.claim_new(None)  # a run that is still going
     try:
         code, err = cli(capsys, data, *TINY, "--steps", "1", "--val-fraction", "0")
         assert code == 0, err
@@ -96,7 +96,7 @@ def test_a_live_run_directory_is_refused(data, tmp_path, capsys):
                     "--log-every", "1")
     assert code == 0, err
     before = snapshot(out)
-    live = train._RunDir.claim_existing(out)
+    live = train.RunDir.claim_existing(out)
     try:
         for argv in ([data, *TINY, "--steps", "2", "--out", out], ["--resume", out]):
             code, err = cli(capsys, *argv)
@@ -256,9 +256,16 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("case", list(DAMAGE) + ["truncated state", "partial metrics line",
-                                                 "binary metrics", "metrics not a record",
-                                                 "metrics a folder"])
+RECORD = b'{"step": %d, "lr": 0.1, "loss": 1.0%s}\n'
+METRICS_DAMAGE = {"partial metrics line": b'{"step": 2, "lo', "binary metrics": b"\x00\xff\x89PNG\n",
+                  "metrics not a record": b"[2, 0.5]\n", "metrics step repeated": RECORD % (1, b""),
+                  "metrics step negative": RECORD % (-5, b""),
+                  "metrics line of 20 MB": RECORD % (2, b', "x": "' + b"x" * 20_000_000 + b'"'),
+                  "metrics loss NaN": RECORD.replace(b"1.0", b"NaN") % (2, b"")}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE) + ["truncated state", "metrics a folder",
+                                                 *METRICS_DAMAGE])
 def test_resume_of_a_damaged_run_exit_2(stopped_run, tmp_path, capsys, case):
     run = str(tmp_path / "run")
     shutil.copytree(stopped_run, run)
@@ -271,10 +278,8 @@ def test_resume_of_a_damaged_run_exit_2(stopped_run, tmp_path, capsys, case):
         os.remove(metrics)
         os.mkdir(metrics)
     else:
-        tail = {"partial metrics line": b'{"step": 2, "lo', "binary metrics": b"\x00\xff\x89PNG\n",
-                "metrics not a record": b"[2, 0.5]\n"}[case]
-        with open(metrics, "ab") as f:
-            f.write(tail)
+        with open(metrics, "ab") as f:  # after the run's own record of step 1
+            f.write(METRICS_DAMAGE[case])
     before = snapshot(run)
     code, err = cli(capsys, "--resume", run)
     assert_refused(code, err, "the run directory is damaged")
