@@ -1243,11 +1243,19 @@ def load_state(run_dir: str):
     return info, parts["params/"], parts["momentum/"]
 
 
-def _digest(data_dir: str, split: Split) -> str:
+def _digest(data_dir: str, split: Split, signatures: bool = False) -> str:
+    """What identifies a split: its files' names and labels (the data order of a resumed run),
+    and with `signatures` each file's version too (_signature: size, times, inode)."""
     h = hashlib.sha256()
     for f, y in zip(split.files, split.labels):
         # fsencode: a file name that is not valid UTF-8 comes back to its bytes
-        h.update(os.fsencode(os.path.relpath(f, data_dir)) + f"\t{y}\n".encode())
+        h.update(os.fsencode(os.path.relpath(f, data_dir)) + f"\t{y}".encode())
+        if signatures:
+            try:
+                h.update(f"\t{_signature(os.stat(f))}".encode())
+            except OSError:  # gone since the scan: the extraction will say it cannot read it
+                h.update(b"\tgone")
+        h.update(b"\n")
     return h.hexdigest()[:16]
 
 
@@ -2048,8 +2056,8 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
     """Fits the paper's linear probe on the frozen pre-logits of `weights` (any backend; the
     default one when None) and writes RUN_DIR/best.safetensors: the same backbone with the
     fitted head and the class names. The features are kept in RUN_DIR/features.safetensors: a
-    later probe with the same --out and the same weights and images fits again without
-    extracting them (another --l2 or --shots)."""
+    later probe with the same --out, the same weights and the same image files (names, labels,
+    sizes, times, inodes) fits again without extracting them (another --l2 or --shots)."""
     if data_dir is None or weights is None:
         raise MixerError("--linear-probe needs DATA_DIR and --weights FILE (the frozen model)")
     if l2 is not None and not (math.isfinite(l2) and l2 > 0):
@@ -2072,41 +2080,20 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
             _check_shots(shots, train_split.labels, classes)
         model = mixer.load(weights, backend=backend)
         splits = {"train": train_split, **({"val": val_split} if val_split else {})}
+        # everything the features depend on: a file rewritten, replaced or renamed over another
+        # changes its signature (as for the decode cache), so stale features are never reused
         key = {"weights": _file_digest(weights), "image_size": model.config.image_size,
-               "resize": model.preprocessing.get("resize", "crop"),
-               **{name: _digest(data_dir, split) for name, split in splits.items()}}
+               "resize": model.preprocessing.get("resize", "crop"), "backend": model.backend,
+               **{name: _digest(data_dir, split, signatures=True)
+                  for name, split in splits.items()}}
         console.say(f"{len(train_split.files)} training images in {len(classes)} classes, "
                     f"{len(val_split.files) if val_split else 'no'} validation images; "
                     f"features of {os.path.basename(weights)} at {model.config.image_size}px "
                     f"on {model.backend}; writing {owner.path}")
         found = _probe_features(owner.path, key, model, splits, batch_size or PROBE_BATCH,
                                 console)
-        keep = found["train"][1]
-        features, labels = found["train"][0][keep], train_split.labels[keep]
-        val = None
-        if val_split is not None:
-            val = (found["val"][0][found["val"][1]], val_split.labels[found["val"][1]])
-        if shots:  # again: an image that failed to decode is not there to draw
-            _check_shots(shots, labels, classes)
-        l2s = [l2] if l2 is not None else list(PROBE_L2_GRID) if val else [PROBE_L2_DEFAULT]
-        fits = []
-        for draw in range(PROBE_SEEDS if shots else 1):
-            pick = np.arange(len(labels))
-            if shots:
-                rng = np.random.default_rng([seed + draw, 3])
-                pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), shots,
-                                                          replace=False)
-                                               for c in range(len(classes))]))
-            fits.append(fit_probe(features[pick], labels[pick], len(classes), l2s, val))
-        fit = fits[0]  # with --shots: the first seed's head is the one written
-        kernel, bias = fold_head(fit)
-        params = model.numpy_params()
-        params["head/kernel"], params["head/bias"] = kernel, bias
-        config = dataclasses.replace(model.config, num_classes=len(classes))
-        probe = mixer.Mixer(config, params, backend="numpy", labels=classes,
-                            preprocessing=model.preprocessing)
-        probe.save(os.path.join(owner.path, "best.safetensors"),
-                   source=f"linear probe on {os.path.basename(weights)}")
+        fits, labels, val = _fit_draws(found, train_split, val_split, classes, l2, shots, seed)
+        probe = _save_probe(model, weights, fits[0], classes, owner.path)
         top1 = [f.val_top1[f.l2] for f in fits] if val else None
         record = {"weights": os.path.abspath(weights), "data_dir": os.path.abspath(data_dir),
                   "classes": classes, "num_train": int(len(labels)),
@@ -2117,19 +2104,73 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
                                      for f in fits]}
         with mixer.atomic_write(os.path.join(owner.path, PROBE_FILE)) as f:
             f.write((json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
-        how = "λ fixed by --l2" if l2 is not None else "λ picked on val/ from 2^-10..2^20" \
-            if val else f"λ = 2^10 (big_vision's; no validation split to pick one on)"
-        if top1 is None:
-            console.say(f"no validation split: nothing to score; {how}")
-        elif shots:
-            console.say(f"{shots}-shot val top-1 over {len(fits)} seeds: mean "
-                        f"{np.mean(top1):.4f}, std {np.std(top1):.4f} "
-                        f"({', '.join(f'{t:.4f}' for t in top1)}); {how}; best.safetensors "
-                        f"is seed {seed}'s (λ = {fit.l2:g})")
-        else:
-            console.say(f"val top-1 {top1[0]:.4f} at λ = {fit.l2:g} ({how})")
+        _say_probe(console, top1, fits[0].l2, l2, shots, seed, val is not None)
         console.say(f"wrote {os.path.join(owner.path, 'best.safetensors')}")
-        return ProbeResult(owner.path, fit.l2, top1, probe)
+        return ProbeResult(owner.path, fits[0].l2, top1, probe)
+
+
+def _fit_draws(found, train_split, val_split, classes, l2, shots, seed):
+    """-> (the fits, one per draw (PROBE_SEEDS of them with --shots), the labels of the
+    training images that decoded, (val features, val labels) or None)."""
+    keep = found["train"][1]
+    features, labels = found["train"][0][keep], train_split.labels[keep]
+    val = None
+    if val_split is not None:
+        val = (found["val"][0][found["val"][1]], val_split.labels[found["val"][1]])
+    if shots:  # again: an image that failed to decode is not there to draw
+        _check_shots(shots, labels, classes)
+    l2s = [l2] if l2 is not None else list(PROBE_L2_GRID) if val else [PROBE_L2_DEFAULT]
+    fits = []
+    for draw in range(PROBE_SEEDS if shots else 1):
+        pick = np.arange(len(labels))
+        if shots:
+            rng = np.random.default_rng([seed + draw, 3])
+            pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), shots,
+                                                      replace=False)
+                                           for c in range(len(classes))]))
+        fits.append(fit_probe(features[pick], labels[pick], len(classes), l2s, val))
+    return fits, labels, val
+
+
+def _save_probe(model, weights, fit, classes, run_dir) -> mixer.Mixer:
+    """RUN_DIR/best.safetensors: the backbone, bit for bit, with the folded head. A quantised
+    file's kernels are taken as it stores them (packed values, scales and biases, under the
+    names its `mixer.quantization` metadata lays out) and saved again with its bits and group
+    size, which keeps them as they are."""
+    q = model.quantization
+    if q is None:
+        params = model.numpy_params()
+    else:
+        tensors, metadata = mixer.read_safetensors(weights)
+        layout = json.loads(metadata["mixer.quantization"])["layout"]
+        params = {k: mixer.QuantizedTensor(tensors[k], tensors[f"{k}.scales"],
+                                           tensors[f"{k}.biases"], q["bits"], q["group_size"],
+                                           layout[k], shape)
+                  if layout.get(k, "float16") != "float16" else mixer.as_float32(tensors[k])
+                  for k, shape in mixer.param_shapes(model.config).items()}
+    params["head/kernel"], params["head/bias"] = fold_head(fit)
+    config = dataclasses.replace(model.config, num_classes=len(classes))
+    probe = mixer.Mixer(config, params, backend="numpy", labels=classes,
+                        preprocessing=model.preprocessing)
+    probe.save(os.path.join(run_dir, "best.safetensors"),
+               source=f"linear probe on {os.path.basename(weights)}",
+               **({"dtype": f"int{q['bits']}", "group_size": q["group_size"]} if q else {}))
+    return probe
+
+
+def _say_probe(console, top1, chosen, l2, shots, seed, has_val) -> None:
+    """The probe's result line: the val top-1 (over the draws with --shots) and how λ was set."""
+    how = "λ fixed by --l2" if l2 is not None else "λ picked on val/ from 2^-10..2^20" \
+        if has_val else "λ = 2^10 (big_vision's; no validation split to pick one on)"
+    if top1 is None:
+        console.say(f"no validation split: nothing to score; {how}")
+    elif shots:
+        console.say(f"{shots}-shot val top-1 over {len(top1)} seeds: mean "
+                    f"{np.mean(top1):.4f}, std {np.std(top1):.4f} "
+                    f"({', '.join(f'{t:.4f}' for t in top1)}); {how}; best.safetensors "
+                    f"is seed {seed}'s (λ = {chosen:g})")
+    else:
+        console.say(f"val top-1 {top1[0]:.4f} at λ = {chosen:g} ({how})")
 
 
 def _check_shots(shots: int, labels: np.ndarray, classes: list[str]) -> None:
