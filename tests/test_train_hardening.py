@@ -689,3 +689,19 @@ def test_without_matplotlib_runs_say_so_once(data, tmp_path, capsys, monkeypatch
     assert [line for line in err if "is not installed" in line] == [note[0].replace("curves",
                                                                               "confusion")]
     assert os.listdir(tmp_path / "eval") == ["eval.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--steps", "1", "--epochs", "2"], "argument --epochs: not allowed with argument --steps"),
+    (["--variant", "Z/9"], "argument --variant: invalid choice: 'Z/9'"),
+    (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_argument_errors_are_one_line(tmp_path, argv, message):
+    """Every parser error, the argument groups' and the exclusive --steps/--epochs included:
+    one line, exit 2, no usage block."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "DATA", *argv],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.startswith(f"train: error: {message}") and done.stderr.count("\n") == 1
