@@ -1,48 +1,26 @@
-"""Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad.
+"""Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad; or fit a linear probe on
+its frozen features, or score a weights file (README: Fine-tuning).
 
 The recipe is the paper's (arXiv:2105.01601 §3 and the official vision_transformer configs):
 momentum SGD 0.9, gradient clipping at global norm 1, linear warmup then cosine decay, no weight
 decay, softmax cross-entropy, a zero-initialised head, random resized crop + horizontal flip.
 
-    DATA_DIR/train/<class>/<image>     class names are the folder names, sorted
-    DATA_DIR/val/<class>/<image>       optional; else --val-fraction of train is held out
-
     python train.py DATA_DIR --weights weights/gsam-Mixer-S_32.safetensors --steps 2000
     python train.py DATA_DIR --variant S/32 --epochs 30 --batch-size 64   # from scratch
-    python train.py DATA_DIR --weights W.safetensors --image-size 448 ...  # Mixer.at_resolution
     python train.py --resume runs/20250101-120000                          # after Ctrl-C
+    python train.py DATA_DIR --weights W.safetensors --linear-probe        # closed-form head
+    python train.py DATA_DIR --weights W.safetensors --eval-only           # top-1, confusion
     mlx.launch -n 2 --backend ring -- python train.py DATA_DIR ...         # data-parallel
 
-RUN_DIR (--out, default runs/<timestamp>) receives last.safetensors (at every evaluation and at
-a stop) and best.safetensors (from the first evaluation on), mixer.py weights with the dataset's
-class names as labels (`python mixer.py img.jpg --weights RUN_DIR/best.safetensors`);
-metrics.jsonl (one JSON object per logged step); and state.safetensors, everything --resume
-needs (params, momentum buffers, step, settings; no pickle). The data order and the
-augmentation are pure functions of (seed, position in the sample stream), so the step number is
-the whole data-loader state and a resumed run repeats the uninterrupted one.
-
-Training images are decoded at the smallest scale that still gives every random crop at least
-the input size in pixels (a 12-megapixel JPEG at 224 px: libjpeg's 1/2 scale), with the crops
-drawn in full-resolution coordinates, and kept in memory (--decode-cache-mib, per process) so
-that later epochs do not decode them again; evaluation images are kept preprocessed.
-
-A run owns its directory: a new run creates it (or takes an empty --out) and, like --resume,
-holds a lock on RUN_DIR/train.lock while it runs, so that a second train.py on the same
-directory is refused. A progress line follows the first step, then every --log-every steps.
-Once training runs, Ctrl-C (or SIGTERM, SIGHUP) finishes the step in progress, saves
-last.safetensors and the state, and exits with status 130; a second one stops at once, leaving
-the last saved state (130). Before the first step starts, a signal stops at once (130 for
-Ctrl-C, 128 + the signal's number otherwise), and a new run that saved nothing leaves no
-directory behind.
-
---batch-size counts the images of one optimizer step over all processes. Under mlx.launch each
-rank decodes and runs its share of every global batch (split into micro-batches: as many as the
-memory budget needs, plan_micro_batches, or --accum-steps), the gradients are averaged with
-all_sum / size, and only rank 0 writes files. --dtype bfloat16|float16 computes the forward and
-backward in half precision on float32 master weights (Trainer).
-
-The optimizer and the loss are written once (`get_lr`, `sgd_momentum`, `cross_entropy`) over a
-small per-backend adapter; the model is mixer.forward over mixer.py's shim.
+DATA_DIR holds train/<class>/<image> and optionally val/<class>/<image>. RUN_DIR (--out,
+default runs/<timestamp>) receives last.safetensors and best.safetensors (mixer.py weights with
+the class names as labels), metrics.jsonl, curves.png and state.safetensors (what --resume
+needs; no pickle). The data order and the augmentation are pure functions of (seed, position in
+the sample stream), so the step number is the whole loader state and a resumed run repeats the
+uninterrupted one. The file reads top to bottom: the recipe (get_lr, sgd_momentum,
+cross_entropy), the backend adapters, Trainer (the compiled step), memory planning, data, the
+model to start from, the run directory, the training loop (_run), the probe, charts,
+evaluation, the command line.
 """
 
 from __future__ import annotations
@@ -165,11 +143,9 @@ def cross_entropy(xp, logits, onehot):
 
 @functools.cache
 def _mlx_gelu_keeping_input():
-    """mixer.MlxOps's GELU with its gradient written out, so that the backward keeps only x:
-    autodiff through its exp rewrite keeps u, the exp and the denominator of every MLP hidden
-    layer, 50.3 MiB of activations per image for an S/32 training step at 224 against 21.8
-    with this (mx.get_peak_memory on MLX's CPU); step time 0.83x and 1.03x of autodiff's in
-    two side-by-side runs (noise on a shared machine)."""
+    """mixer.MlxOps's GELU with its gradient written out, so that the backward keeps only x
+    (autodiff through its exp rewrite keeps u, the exp and the denominator: 2.3x the
+    activation memory; README, Memory)."""
     mx = mixer.import_mlx()
 
     @mx.custom_function
@@ -180,8 +156,7 @@ def _mlx_gelu_keeping_input():
     def gelu_vjp(x, cotangent, output):
         # d/dx x s(2 GELU_C u) = s + x s (1 - s) 2 GELU_C (1 + 3 0.044715 x^2), s the sigmoid.
         # Other primitives (square, sigmoid) than the forward's: mx.compile merges equal
-        # subexpressions, which would keep the forward's x^3 and exp for this backward
-        # (36.0 MiB per image instead of 21.8).
+        # subexpressions, which would keep the forward's x^3 and exp for this backward.
         x2 = mx.square(x)
         s = mx.sigmoid((2.0 * mixer.GELU_C) * x * (1.0 + 0.044715 * x2))
         return cotangent * (s + x * s * (1.0 - s) * (2.0 * mixer.GELU_C)
@@ -192,9 +167,7 @@ def _mlx_gelu_keeping_input():
 
 class MlxTrainingOps(mixer.MlxOps):
     """mixer.MlxOps for training: the same forward, a GELU whose backward keeps only its input.
-    Inference keeps MlxOps's own GELU: through mx.custom_function the compiled S/32 forward
-    measured 1.034x the time (batch 32, side by side, twice), the custom function being a
-    boundary that mx.compile does not fuse across."""
+    Inference keeps MlxOps's own GELU: mx.compile does not fuse across a custom function."""
 
     @staticmethod
     def _gelu(x):
@@ -505,20 +478,15 @@ LOSS_SCALE_MIN = 1.0
 
 # Activation bytes per image of a training micro-batch: ACTIVATION_FACTOR floats per float of
 # the per-block minimum (what a block's backward must keep: 4 (S, C) arrays, and the input and
-# output of each MLP's GELU), for the blocks plus one (the backward's temporaries), and one
-# per pixel value of the image. Fitted to mx.get_peak_memory on MLX's CPU (custom GELU VJP): 1.10
-# for S/32 at 224 (21.8 MiB per image) and for 4 of its blocks, 1.12 for C=768 at 224, 1.18 and
-# 1.25 for P=16 C=128 at 64 and C=256 at 128. ACTIVATION_MARGIN covers the spread.
+# output of each MLP's GELU), for the blocks plus one (the backward's temporaries), and one per
+# pixel value; fitted to MLX's peak memory, ACTIVATION_MARGIN covering the spread (README).
 ACTIVATION_FACTOR = 1.15
 ACTIVATION_MARGIN = 1.25
-# On a CPU the budget is this share of the memory the system calls available: on this 24 GB
-# machine (~22 GB available) a 5.1-5.6 GiB budget, under 6 GiB for the default S/32 run (which
-# then chose 128 x 4 and peaked at 3.4-3.6 GiB RSS, split or not); the rest stays with the page
-# cache and the programs beside the run. Whether a CPU trains faster with larger micro-batches
-# was not measured.
+# On a CPU the budget is this share of the memory the system calls available: the rest stays
+# with the page cache and the programs beside the run.
 CPU_MEMORY_SHARE = 0.25
-# The process itself: 50 MiB RSS with train, mixer, MLX and Pillow imported (measured); the rest
-# leaves room for the decoding threads and MLX's compiled kernels (not measured apart).
+# The process itself (50 MiB RSS measured with everything imported), with room for the decoding
+# threads and MLX's compiled kernels.
 PROCESS_BYTES = 256 * 2**20
 MAX_MEMORY_BUDGET = 2**20  # GiB (a pebibyte): more than any device; 1e300 overflowed
 
