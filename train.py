@@ -226,7 +226,7 @@ class MlxBackend:
     def images(self, pixels: np.ndarray):
         # uint8 moved, normalised on the device with mixer.preprocess's arithmetic (tested equal)
         x = self.mx.array(pixels).astype(self.mx.float32) / 127.5 - 1.0
-        return x if self.ops.dtype == "float32" else x.astype(self.ops._dtype)
+        return x if self.ops.dtype == "float32" else self.cast(x, self.ops.dtype)
 
     def split_batch(self, batch, fn):
         return self.ops.split_batch(batch, fn)
@@ -294,7 +294,7 @@ class TinygradBackend:
         # uint8 moved, normalised on the device; tinygrad divides by multiplying with the
         # reciprocal: within 2**-23 of mixer.preprocess's value (one ulp of x / 127.5; tested)
         x = self.tg.Tensor(np.array(pixels, np.uint8, order="C")).float() / 127.5 - 1.0
-        return (x if self.ops.dtype == "float32" else x.cast(self.ops._dtype)).realize()
+        return (x if self.ops.dtype == "float32" else self.cast(x, self.ops.dtype)).realize()
 
     def split_batch(self, batch, fn):
         return None  # always whole: tinygrad has no streams to run parts side by side
@@ -709,8 +709,9 @@ def _is_text(name: str) -> bool:
 
 
 def _probe(path) -> str | None:
-    """Why Pillow cannot open `path` (reading the header only), or None."""
-    Image, _ = mixer._import_pil()
+    """Why Pillow (a dependency, as numpy) cannot open `path` (reading the header only), or
+    None."""
+    from PIL import Image
     try:
         with mixer.open_regular(path, what="an image") as f, Image.open(f):
             return None
