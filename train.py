@@ -661,9 +661,7 @@ def _scan_split(folder, classes, pool, say, require_all):
     files, labels = [], []
     for c, name in enumerate(classes):
         class_dir = os.path.join(folder, name)
-        names = _listdir(class_dir) if os.path.isdir(class_dir) else []
-        paths = [os.path.join(class_dir, n) for n in names if not n.startswith(".")
-                 and os.path.isfile(os.path.join(class_dir, n))]
+        paths = _class_files(class_dir) if os.path.isdir(class_dir) else []
         files += paths
         labels += [c] * len(paths)
     chunks = [files[i:i + 256] for i in range(0, len(files), 256)]  # not 1M futures at once
@@ -691,6 +689,12 @@ def _listdir(folder: str) -> list[str]:
     except OSError as e:
         raise MixerError(f"cannot list {folder}: {e.strerror or e} (fix its permissions, or "
                          f"move it out of DATA_DIR)") from None
+
+
+def _class_files(class_dir: str) -> list[str]:
+    """The paths of the files in a class folder, sorted, hidden ones left out."""
+    return [os.path.join(class_dir, n) for n in _listdir(class_dir)
+            if not n.startswith(".") and os.path.isfile(os.path.join(class_dir, n))]
 
 
 def _folders(folder: str) -> list[str]:
@@ -2375,9 +2379,7 @@ def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
         console.say(f"skipping {os.path.join(folder, name)}: {why}")
     files, truth = [], []
     for name, c in matched.items():
-        class_dir = os.path.join(folder, name)
-        paths = [os.path.join(class_dir, f) for f in _listdir(class_dir)
-                 if not f.startswith(".") and os.path.isfile(os.path.join(class_dir, f))]
+        paths = _class_files(os.path.join(folder, name))
         files += paths
         truth += [c] * len(paths)
     if not files:
