@@ -175,6 +175,7 @@ class MlxTrainingOps(mixer.MlxOps):
 
 
 class MlxBackend:
+    """The adapter on MLX (the methods of the table above), data-parallel under mlx.launch."""
     name = "mlx"
     compiled_keeps_buffers = False  # MLX frees a compiled function's intermediates
 
@@ -233,6 +234,7 @@ class MlxBackend:
 
 
 class TinygradBackend:
+    """The adapter on tinygrad (the methods of the table above), one process."""
     name = "tinygrad"
     rank, size = 0, 1
     compiled_keeps_buffers = True  # a TinyJit holds its intermediates (Trainer.end_evaluation)
@@ -312,6 +314,7 @@ TRAIN_BACKENDS = {"mlx": MlxBackend, "tinygrad": TinygradBackend}
 
 
 def get_backend(name: str | None):
+    """The training adapter of backend `name` (None: default_train_backend())."""
     if name is None:
         name = default_train_backend()
     if name not in TRAIN_BACKENDS:
@@ -436,6 +439,7 @@ class Trainer:
         self._running = running
 
     def update(self, lr: float) -> tuple[float, float]:
+        """One SGD step on the sums at learning rate lr -> (mean loss, gradient norm)."""
         loss, norm = self._update(self.xp.scalar(lr), self.xp.scalar(self.loss_scale))
         self.xp.sync(self.state)
         self._running = None
@@ -450,6 +454,7 @@ class Trainer:
         return loss, norm
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """The current model's logits of float32 images x."""
         # evaluated in float32: the master weights, as saved
         return self.xp.ops.numpy(self._logits(self.state["params"], self.xp.ops.asarray(x)))
 
@@ -461,6 +466,7 @@ class Trainer:
             self._logits = self.xp.ops.compile(self._forward)
 
     def numpy(self, part: str) -> dict[str, np.ndarray]:
+        """The state's "params" or "momentum" as numpy arrays."""
         return {k: self.xp.ops.numpy(v) for k, v in self.state[part].items()}
 
 
@@ -604,6 +610,7 @@ def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
+    """The images of a split and their class indices."""
     files: list[str]
     labels: np.ndarray  # int, index into classes
 
@@ -1113,6 +1120,8 @@ def build_model(classes, weights=None, variant=None, image_size=None, keep_head=
 
 
 def save_state(path, trainer: Trainer, info: dict) -> None:
+    """RUN_DIR/state.safetensors: params and momentum as tensors, `info` (step, settings,
+    ...: what load_state checks) as JSON metadata."""
     tensors = {f"params/{k}": v for k, v in trainer.numpy("params").items()}
     tensors.update({f"momentum/{k}": v for k, v in trainer.numpy("momentum").items()})
     mixer.write_safetensors(path, tensors, {"format": "mixer-train-state",
@@ -1337,6 +1346,7 @@ class RunDir:
 
     @classmethod
     def claim_new(cls, out: str | None, suffix: str = "") -> "RunDir":
+        """A new run's directory: --out (new, or empty), else runs/<timestamp><suffix>."""
         if out is None:
             base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + suffix)
             _make_parent(base)
@@ -1365,6 +1375,7 @@ class RunDir:
 
     @classmethod
     def claim_existing(cls, path: str) -> "RunDir":
+        """The directory of a run to continue (--resume, a probe's features), as it is."""
         return cls(os.fspath(path), created=False, new=False)
 
     def release(self, keep_lock_file: bool = True) -> None:
@@ -1497,6 +1508,7 @@ class _StopRequest:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What train() returns."""
     run_dir: str
     step: int  # optimizer steps done
     total_steps: int
@@ -1514,6 +1526,7 @@ class Console:
         self.enabled, self.tty, self.open = enabled, enabled and sys.stderr.isatty(), False
 
     def say(self, message: str) -> None:
+        """One message line, escaped (mixer.printable)."""
         if self.enabled:
             # file and folder names from the dataset come through here: escaped, so that a name
             # cannot send the terminal escape sequences or break the line
@@ -1522,6 +1535,7 @@ class Console:
             self.open = False
 
     def progress(self, line: str, keep: bool = False) -> None:
+        """The progress line: rewritten in place on a terminal, one line each in a log."""
         if not self.tty:
             return self.say(line)
         print(f"\rtrain: {line}\033[K", end="\n" if keep else "", file=sys.stderr, flush=True)
@@ -1917,6 +1931,7 @@ def ridge_solutions(x: np.ndarray, y: np.ndarray, l2s) -> list[np.ndarray]:
 
 @dataclasses.dataclass
 class ProbeFit:
+    """One closed-form fit (fit_probe)."""
     l2: float  # the chosen λ
     w: np.ndarray  # (D + 1, C) on whitened features, the last row for the constant feature
     mean: np.ndarray  # (D,) the training features' statistics
@@ -2017,6 +2032,7 @@ def _probe_features(run_dir, key, model, splits, batch_size, console) -> dict:
 
 @dataclasses.dataclass
 class ProbeResult:
+    """What linear_probe() returns."""
     run_dir: str
     l2: float  # λ of the written head
     val_top1: list[float] | None  # one per seed (one without --shots); None without val/
@@ -2345,6 +2361,7 @@ def match_classes(folders: list[str], labels: list[str], wnids: list[str] | None
 
 @dataclasses.dataclass
 class EvalResult:
+    """What evaluate_weights() returns."""
     run_dir: str
     report: dict  # what eval.json holds
     confusion: np.ndarray  # (K, K) counts, true class x predicted class
@@ -2484,6 +2501,7 @@ def _print_summary(result: EvalResult, drawn: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's options (a bad one is one line: mixer.ArgumentParser)."""
     parser = mixer.ArgumentParser(
         prog="train", description="Fine-tune an MLP-Mixer on DATA_DIR/train/<class>/<image> "
         "(recipe of the paper: momentum SGD, clipping, warmup + cosine).")
@@ -2565,6 +2583,7 @@ def _eval_only(args) -> int:
 
 
 def main(argv=None) -> int:
+    """The command line: train, --linear-probe or --eval-only; the exit status."""
     options = vars(build_parser().parse_args(argv))
     probe = {k: options.pop(k) for k in ("linear_probe", "l2", "shots")}
     eval_only = options.pop("eval_only")
