@@ -1,48 +1,26 @@
-"""Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad.
+"""Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad; or fit a linear probe on
+its frozen features, or score a weights file (README: Fine-tuning).
 
 The recipe is the paper's (arXiv:2105.01601 §3 and the official vision_transformer configs):
 momentum SGD 0.9, gradient clipping at global norm 1, linear warmup then cosine decay, no weight
 decay, softmax cross-entropy, a zero-initialised head, random resized crop + horizontal flip.
 
-    DATA_DIR/train/<class>/<image>     class names are the folder names, sorted
-    DATA_DIR/val/<class>/<image>       optional; else --val-fraction of train is held out
-
     python train.py DATA_DIR --weights weights/gsam-Mixer-S_32.safetensors --steps 2000
     python train.py DATA_DIR --variant S/32 --epochs 30 --batch-size 64   # from scratch
-    python train.py DATA_DIR --weights W.safetensors --image-size 448 ...  # Mixer.at_resolution
     python train.py --resume runs/20250101-120000                          # after Ctrl-C
+    python train.py DATA_DIR --weights W.safetensors --linear-probe        # closed-form head
+    python train.py DATA_DIR --weights W.safetensors --eval-only           # top-1, confusion
     mlx.launch -n 2 --backend ring -- python train.py DATA_DIR ...         # data-parallel
 
-RUN_DIR (--out, default runs/<timestamp>) receives last.safetensors (at every evaluation and at
-a stop) and best.safetensors (from the first evaluation on), mixer.py weights with the dataset's
-class names as labels (`python mixer.py img.jpg --weights RUN_DIR/best.safetensors`);
-metrics.jsonl (one JSON object per logged step); and state.safetensors, everything --resume
-needs (params, momentum buffers, step, settings; no pickle). The data order and the
-augmentation are pure functions of (seed, position in the sample stream), so the step number is
-the whole data-loader state and a resumed run repeats the uninterrupted one.
-
-Training images are decoded at the smallest scale that still gives every random crop at least
-the input size in pixels (a 12-megapixel JPEG at 224 px: libjpeg's 1/2 scale), with the crops
-drawn in full-resolution coordinates, and kept in memory (--decode-cache-mib, per process) so
-that later epochs do not decode them again; evaluation images are kept preprocessed.
-
-A run owns its directory: a new run creates it (or takes an empty --out) and, like --resume,
-holds a lock on RUN_DIR/train.lock while it runs, so that a second train.py on the same
-directory is refused. A progress line follows the first step, then every --log-every steps.
-Once training runs, Ctrl-C (or SIGTERM, SIGHUP) finishes the step in progress, saves
-last.safetensors and the state, and exits with status 130; a second one stops at once, leaving
-the last saved state (130). Before the first step starts, a signal stops at once (130 for
-Ctrl-C, 128 + the signal's number otherwise), and a new run that saved nothing leaves no
-directory behind.
-
---batch-size counts the images of one optimizer step over all processes. Under mlx.launch each
-rank decodes and runs its share of every global batch (split into micro-batches: as many as the
-memory budget needs, plan_micro_batches, or --accum-steps), the gradients are averaged with
-all_sum / size, and only rank 0 writes files. --dtype bfloat16|float16 computes the forward and
-backward in half precision on float32 master weights (Trainer).
-
-The optimizer and the loss are written once (`get_lr`, `sgd_momentum`, `cross_entropy`) over a
-small per-backend adapter; the model is mixer.forward over mixer.py's shim.
+DATA_DIR holds train/<class>/<image> and optionally val/<class>/<image>. RUN_DIR (--out,
+default runs/<timestamp>) receives last.safetensors and best.safetensors (mixer.py weights with
+the class names as labels), metrics.jsonl, curves.png and state.safetensors (what --resume
+needs; no pickle). The data order and the augmentation are pure functions of (seed, position in
+the sample stream), so the step number is the whole loader state and a resumed run repeats the
+uninterrupted one. The file reads top to bottom: the recipe (get_lr, sgd_momentum,
+cross_entropy), the backend adapters, Trainer (the compiled step), memory planning, data, the
+model to start from, the run directory, the training loop (_run), the probe, charts,
+evaluation, the command line.
 """
 
 from __future__ import annotations
@@ -82,7 +60,7 @@ from mixer import MixerError  # noqa: E402
 
 try:
     import fcntl
-except ImportError:  # Windows has no flock: run directories are not locked there (see _RunDir)
+except ImportError:  # Windows has no flock: run directories are not locked there (see RunDir)
     fcntl = None
 
 MOMENTUM = 0.9  # official: optax.sgd(momentum=0.9), i.e. m = g + 0.9 m; p -= lr * m
@@ -165,11 +143,9 @@ def cross_entropy(xp, logits, onehot):
 
 @functools.cache
 def _mlx_gelu_keeping_input():
-    """mixer.MlxOps's GELU with its gradient written out, so that the backward keeps only x:
-    autodiff through its exp rewrite keeps u, the exp and the denominator of every MLP hidden
-    layer, 50.3 MiB of activations per image for an S/32 training step at 224 against 21.8
-    with this (mx.get_peak_memory on MLX's CPU); step time 0.83x and 1.03x of autodiff's in
-    two side-by-side runs (noise on a shared machine)."""
+    """mixer.MlxOps's GELU with its gradient written out, so that the backward keeps only x
+    (autodiff through its exp rewrite keeps u, the exp and the denominator: 2.3x the
+    activation memory; README, Memory)."""
     mx = mixer.import_mlx()
 
     @mx.custom_function
@@ -180,8 +156,7 @@ def _mlx_gelu_keeping_input():
     def gelu_vjp(x, cotangent, output):
         # d/dx x s(2 GELU_C u) = s + x s (1 - s) 2 GELU_C (1 + 3 0.044715 x^2), s the sigmoid.
         # Other primitives (square, sigmoid) than the forward's: mx.compile merges equal
-        # subexpressions, which would keep the forward's x^3 and exp for this backward
-        # (36.0 MiB per image instead of 21.8).
+        # subexpressions, which would keep the forward's x^3 and exp for this backward.
         x2 = mx.square(x)
         s = mx.sigmoid((2.0 * mixer.GELU_C) * x * (1.0 + 0.044715 * x2))
         return cotangent * (s + x * s * (1.0 - s) * (2.0 * mixer.GELU_C)
@@ -192,9 +167,7 @@ def _mlx_gelu_keeping_input():
 
 class MlxTrainingOps(mixer.MlxOps):
     """mixer.MlxOps for training: the same forward, a GELU whose backward keeps only its input.
-    Inference keeps MlxOps's own GELU: through mx.custom_function the compiled S/32 forward
-    measured 1.034x the time (batch 32, side by side, twice), the custom function being a
-    boundary that mx.compile does not fuse across."""
+    Inference keeps MlxOps's own GELU: mx.compile does not fuse across a custom function."""
 
     @staticmethod
     def _gelu(x):
@@ -202,6 +175,7 @@ class MlxTrainingOps(mixer.MlxOps):
 
 
 class MlxBackend:
+    """The adapter on MLX (the methods of the table above), data-parallel under mlx.launch."""
     name = "mlx"
     compiled_keeps_buffers = False  # MLX frees a compiled function's intermediates
 
@@ -253,13 +227,14 @@ class MlxBackend:
     def images(self, pixels: np.ndarray):
         # uint8 moved, normalised on the device with mixer.preprocess's arithmetic (tested equal)
         x = self.mx.array(pixels).astype(self.mx.float32) / 127.5 - 1.0
-        return x if self.ops.dtype == "float32" else x.astype(self.ops._dtype)
+        return x if self.ops.dtype == "float32" else self.cast(x, self.ops.dtype)
 
     def split_batch(self, batch, fn):
         return self.ops.split_batch(batch, fn)
 
 
 class TinygradBackend:
+    """The adapter on tinygrad (the methods of the table above), one process."""
     name = "tinygrad"
     rank, size = 0, 1
     compiled_keeps_buffers = True  # a TinyJit holds its intermediates (Trainer.end_evaluation)
@@ -321,7 +296,7 @@ class TinygradBackend:
         # uint8 moved, normalised on the device; tinygrad divides by multiplying with the
         # reciprocal: within 2**-23 of mixer.preprocess's value (one ulp of x / 127.5; tested)
         x = self.tg.Tensor(np.array(pixels, np.uint8, order="C")).float() / 127.5 - 1.0
-        return (x if self.ops.dtype == "float32" else x.cast(self.ops._dtype)).realize()
+        return (x if self.ops.dtype == "float32" else self.cast(x, self.ops.dtype)).realize()
 
     def split_batch(self, batch, fn):
         return None  # always whole: tinygrad has no streams to run parts side by side
@@ -339,6 +314,7 @@ TRAIN_BACKENDS = {"mlx": MlxBackend, "tinygrad": TinygradBackend}
 
 
 def get_backend(name: str | None):
+    """The training adapter of backend `name` (None: default_train_backend())."""
     if name is None:
         name = default_train_backend()
     if name not in TRAIN_BACKENDS:
@@ -463,6 +439,7 @@ class Trainer:
         self._running = running
 
     def update(self, lr: float) -> tuple[float, float]:
+        """One SGD step on the sums at learning rate lr -> (mean loss, gradient norm)."""
         loss, norm = self._update(self.xp.scalar(lr), self.xp.scalar(self.loss_scale))
         self.xp.sync(self.state)
         self._running = None
@@ -477,6 +454,7 @@ class Trainer:
         return loss, norm
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """The current model's logits of float32 images x."""
         # evaluated in float32: the master weights, as saved
         return self.xp.ops.numpy(self._logits(self.state["params"], self.xp.ops.asarray(x)))
 
@@ -488,6 +466,7 @@ class Trainer:
             self._logits = self.xp.ops.compile(self._forward)
 
     def numpy(self, part: str) -> dict[str, np.ndarray]:
+        """The state's "params" or "momentum" as numpy arrays."""
         return {k: self.xp.ops.numpy(v) for k, v in self.state[part].items()}
 
 
@@ -495,6 +474,9 @@ class Trainer:
 # which it doubles
 LOSS_SCALE_START = 2.0 ** 15
 LOSS_SCALE_GROWTH = 1000
+# Below this the scale no longer scales up: a gradient that still overflows overflows unscaled,
+# and float16 cannot train the model (Run.train_step stops the run instead of skipping on)
+LOSS_SCALE_MIN = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,21 +484,17 @@ LOSS_SCALE_GROWTH = 1000
 
 # Activation bytes per image of a training micro-batch: ACTIVATION_FACTOR floats per float of
 # the per-block minimum (what a block's backward must keep: 4 (S, C) arrays, and the input and
-# output of each MLP's GELU), for the blocks plus one (the backward's temporaries), and one
-# per pixel value of the image. Fitted to mx.get_peak_memory on MLX's CPU (custom GELU VJP): 1.10
-# for S/32 at 224 (21.8 MiB per image) and for 4 of its blocks, 1.12 for C=768 at 224, 1.18 and
-# 1.25 for P=16 C=128 at 64 and C=256 at 128. ACTIVATION_MARGIN covers the spread.
+# output of each MLP's GELU), for the blocks plus one (the backward's temporaries), and one per
+# pixel value; fitted to MLX's peak memory, ACTIVATION_MARGIN covering the spread (README).
 ACTIVATION_FACTOR = 1.15
 ACTIVATION_MARGIN = 1.25
-# On a CPU the budget is this share of the memory the system calls available: on this 24 GB
-# machine (~22 GB available) a 5.1-5.6 GiB budget, under 6 GiB for the default S/32 run (which
-# then chose 128 x 4 and peaked at 3.4-3.6 GiB RSS, split or not); the rest stays with the page
-# cache and the programs beside the run. Whether a CPU trains faster with larger micro-batches
-# was not measured.
+# On a CPU the budget is this share of the memory the system calls available: the rest stays
+# with the page cache and the programs beside the run.
 CPU_MEMORY_SHARE = 0.25
-# The process itself: 50 MiB RSS with train, mixer, MLX and Pillow imported (measured); the rest
-# leaves room for the decoding threads and MLX's compiled kernels (not measured apart).
+# The process itself (50 MiB RSS measured with everything imported), with room for the decoding
+# threads and MLX's compiled kernels.
 PROCESS_BYTES = 256 * 2**20
+MAX_MEMORY_BUDGET = 2**20  # GiB (a pebibyte): more than any device; 1e300 overflowed
 
 
 def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
@@ -632,6 +610,7 @@ def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
+    """The images of a split and their class indices."""
     files: list[str]
     labels: np.ndarray  # int, index into classes
 
@@ -689,9 +668,7 @@ def _scan_split(folder, classes, pool, say, require_all):
     files, labels = [], []
     for c, name in enumerate(classes):
         class_dir = os.path.join(folder, name)
-        names = _listdir(class_dir) if os.path.isdir(class_dir) else []
-        paths = [os.path.join(class_dir, n) for n in names if not n.startswith(".")
-                 and os.path.isfile(os.path.join(class_dir, n))]
+        paths = _class_files(class_dir) if os.path.isdir(class_dir) else []
         files += paths
         labels += [c] * len(paths)
     chunks = [files[i:i + 256] for i in range(0, len(files), 256)]  # not 1M futures at once
@@ -721,6 +698,12 @@ def _listdir(folder: str) -> list[str]:
                          f"move it out of DATA_DIR)") from None
 
 
+def _class_files(class_dir: str) -> list[str]:
+    """The paths of the files in a class folder, sorted, hidden ones left out."""
+    return [os.path.join(class_dir, n) for n in _listdir(class_dir)
+            if not n.startswith(".") and os.path.isfile(os.path.join(class_dir, n))]
+
+
 def _folders(folder: str) -> list[str]:
     """The sorted sub-folders of `folder`, hidden ones left out."""
     return [d for d in _listdir(folder)
@@ -737,8 +720,9 @@ def _is_text(name: str) -> bool:
 
 
 def _probe(path) -> str | None:
-    """Why Pillow cannot open `path` (reading the header only), or None."""
-    Image, _ = mixer._import_pil()
+    """Why Pillow (a dependency, as numpy) cannot open `path` (reading the header only), or
+    None."""
+    from PIL import Image
     try:
         with mixer.open_regular(path, what="an image") as f, Image.open(f):
             return None
@@ -1033,6 +1017,8 @@ def build_model(classes, weights=None, variant=None, image_size=None, keep_head=
 
 
 def save_state(path, trainer: Trainer, info: dict) -> None:
+    """RUN_DIR/state.safetensors: params and momentum as tensors, `info` (step, settings,
+    ...: what load_state checks) as JSON metadata."""
     tensors = {f"params/{k}": v for k, v in trainer.numpy("params").items()}
     tensors.update({f"momentum/{k}": v for k, v in trainer.numpy("momentum").items()})
     mixer.write_safetensors(path, tensors, {"format": "mixer-train-state",
@@ -1136,11 +1122,19 @@ def load_state(run_dir: str):
     return info, parts["params/"], parts["momentum/"]
 
 
-def _digest(data_dir: str, split: Split) -> str:
+def _digest(data_dir: str, split: Split, signatures: bool = False) -> str:
+    """What identifies a split: its files' names and labels (the data order of a resumed run),
+    and with `signatures` each file's version too (_signature: size, times, inode)."""
     h = hashlib.sha256()
     for f, y in zip(split.files, split.labels):
         # fsencode: a file name that is not valid UTF-8 comes back to its bytes
-        h.update(os.fsencode(os.path.relpath(f, data_dir)) + f"\t{y}\n".encode())
+        h.update(os.fsencode(os.path.relpath(f, data_dir)) + f"\t{y}".encode())
+        if signatures:
+            try:
+                h.update(f"\t{_signature(os.stat(f))}".encode())
+            except OSError:  # gone since the scan: the extraction will say it cannot read it
+                h.update(b"\tgone")
+        h.update(b"\n")
     return h.hexdigest()[:16]
 
 
@@ -1169,55 +1163,87 @@ def _append_jsonl(path: str, record: dict) -> None:
         os.close(fd)
 
 
+METRICS_LINE_MAX = 2**16  # bytes; a record is ~150: a longer line is not one of ours
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl, checked: each a JSON object on one line of at most
+    METRICS_LINE_MAX bytes, with a whole "step" above the record before's (the first at least 1)
+    and a finite "loss" and "lr". Anything else is a MixerError that names the line."""
+    records = []
+    with mixer.open_regular(path, what="a metrics file") as f:
+        for number, line in enumerate(iter(lambda: f.readline(METRICS_LINE_MAX + 1), b""), 1):
+            last = records[-1]["step"] if records else 0
+            try:
+                record = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:  # not JSON, or not UTF-8
+                record = None
+            if not (isinstance(record, dict) and type(record.get("step")) is int
+                    and record["step"] > last and _finite(record.get("loss"))
+                    and _finite(record.get("lr"))):
+                raise MixerError(f"{path}: line {number} is not a metrics record (expected a "
+                                 f"JSON object with a step above {last}, a finite loss and lr, "
+                                 f"on one whole line of at most {METRICS_LINE_MAX} bytes)")
+            records.append(record)
+    return records
+
+
+def _finite(value) -> bool:
+    """Whether value is a finite number of a record (json.loads also reads NaN and Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _truncate_metrics(run_dir: str, path: str, step: int) -> None:
-    """On resume, drop the records logged after the saved state (they will be redone). A line
-    that is not a whole record means the file was damaged: refused, not guessed at."""
+    """On resume, drop the records logged after the saved state (they will be redone). A file
+    that is not a sequence of records (a damaged or edited line, steps out of order) is refused,
+    not guessed at."""
     if not os.path.lexists(path):
         return
     try:
-        with mixer.open_regular(path, what="a metrics file") as f:
-            data = f.read()
+        records = read_metrics(path)
     except MixerError as e:
-        raise _damaged(run_dir, str(e), "move it away") from None
-    lines = data.split(b"\n")
-    if lines[-1].strip():
-        raise _damaged(run_dir, f"{path}: line {len(lines)} (the last) is incomplete",
-                       "delete that line")
-    kept = []
-    for number, line in enumerate(lines[:-1], 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            record = None
-        if not isinstance(record, dict) or type(record.get("step")) is not int:
-            raise _damaged(run_dir, f"{path}: line {number} is not a metrics record",
-                           "delete that line")
-        if record["step"] <= step:
-            kept.append(line + b"\n")
+        raise _damaged(run_dir, str(e), "delete that line") from None
     with mixer.atomic_write(path) as f:
-        f.write(b"".join(kept))
+        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in records
+                        if r["step"] <= step).encode())
 
 
-class _RunDir:
+# What a new run that saved none of them leaves behind: nothing (RunDir.release). The first
+# ones make a run usable or resumable; the others are removed with the folder.
+SAVED_FILES = (STATE_FILE, *WEIGHTS_FILES, "eval.json")
+SCRATCH_FILES = ("metrics.jsonl", "curves.png", "confusion.png", "features.safetensors",
+                 "probe.json")
+
+
+class RunDir:
     """A run's ownership of its directory, from start to end of the run.
 
     A new run creates its directory with os.mkdir (a default name that another run took in the
     same second gets a suffix -2, -3, ...), or takes an existing empty one (--out). Every run,
     --resume included, then holds an exclusive lock on RUN_DIR/train.lock until it ends, so
     that a second process on the same directory is refused instead of mixing its files in.
-    The lock is released by the kernel when the process ends however it ends (flock), so a
-    crashed run leaves nothing to clean up by hand. release() leaves no trace of a new run
-    that saved nothing (bad input, Ctrl-C during start-up).
+    The kernel releases the lock when the process ends however it ends (flock), so a crashed
+    run leaves nothing to clean up by hand. release() leaves no trace of a new run that saved
+    nothing (bad input, a full disk, Ctrl-C during start-up).
     """
 
     def __init__(self, path: str, created: bool, new: bool):
         self.path, self.created, self.new = path, created, new
-        self.lock = self._lock()
+        lock_path = os.path.join(path, LOCK_FILE)
+        self.made_lock = not os.path.lexists(lock_path)
+        try:
+            self.lock = _lock(lock_path, path)
+        except BaseException:  # refused, or a full disk: only what this run made goes
+            with contextlib.suppress(OSError):
+                if self.made_lock:
+                    os.remove(lock_path)
+                if created:
+                    os.rmdir(path)
+            raise
 
     @classmethod
-    def claim_new(cls, out: str | None, suffix: str = "") -> "_RunDir":
+    def claim_new(cls, out: str | None, suffix: str = "") -> "RunDir":
+        """A new run's directory: --out (new, or empty), else runs/<timestamp><suffix>."""
         if out is None:
             base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + suffix)
             _make_parent(base)
@@ -1231,94 +1257,101 @@ class _RunDir:
             return cls(path, created=True, new=True)
         if not os.path.isdir(path):
             raise MixerError(f"--out {path} exists and is not a directory: choose another --out")
-        owner = cls(path, created=False, new=True)
-        others = sorted(set(os.listdir(path)) - {LOCK_FILE})
-        if others:  # not ours: leave it as it was
-            owner._unlock(remove=owner.made_lock)
-            if STATE_FILE in others:
-                raise MixerError(f"{path} already holds a run: continue it with --resume {path}, "
-                                 f"or choose another --out")
-            raise MixerError(f"--out {path} is not empty (it holds {others[0]!r}"
-                             f"{' and more' if len(others) > 1 else ''}): choose a new or an "
-                             f"empty folder")
-        return owner
+        owner = cls(path, created=False, new=True)  # locked first: a live run says so
+        others = sorted(set(_listdir(path)) - {LOCK_FILE})
+        if not others:
+            return owner
+        owner.new = False  # not ours: left as it was
+        owner.release(keep_lock_file=not owner.made_lock)
+        if STATE_FILE in others:
+            raise MixerError(f"{path} already holds a run: continue it with --resume {path}, "
+                             f"or choose another --out")
+        raise MixerError(f"--out {path} is not empty (it holds {others[0]!r}"
+                         f"{' and more' if len(others) > 1 else ''}): choose a new or an empty "
+                         f"folder")
 
     @classmethod
-    def claim_existing(cls, path: str) -> "_RunDir":
+    def claim_existing(cls, path: str) -> "RunDir":
+        """The directory of a run to continue (--resume, a probe's features), as it is."""
         return cls(os.fspath(path), created=False, new=False)
 
-    def _lock(self):
-        path = os.path.join(self.path, LOCK_FILE)
-        try:
-            try:
-                f, self.made_lock = open(path, "x+"), True
-            except FileExistsError:  # left by an earlier run, or held by a live one
-                f, self.made_lock = open(path, "a+"), False
-        except OSError as e:
-            raise MixerError(f"cannot write {path}: {e.strerror or e}") from None
-        if fcntl is None:  # no flock on this system (Windows): the directory is not locked
-            return f
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            locked = False
-        except OSError as e:
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                return f  # a filesystem without locks (some network mounts): as on Windows
-            f.close()
-            raise MixerError(f"cannot lock {path}: {e.strerror or e}") from None
-        if locked:
-            # a run that just ended may have removed the file we opened (release()): a lock on
-            # it would keep nobody out
-            mine = os.fstat(f.fileno())
-            try:
-                now = os.stat(path)
-                locked = (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
-            except FileNotFoundError:
-                locked = False
-        if not locked:
+    def release(self, keep_lock_file: bool = True) -> None:
+        """Unlocks; a new run that saved none of SAVED_FILES takes away what it wrote."""
+        discard = self.new and not any(os.path.exists(os.path.join(self.path, name))
+                                       for name in SAVED_FILES)
+        # the lock file goes while still locked: see _flock's inode check
+        for name in (*SCRATCH_FILES, LOCK_FILE) if discard else () if keep_lock_file else (
+                LOCK_FILE,):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.path, name))
+        self.lock.close()
+        if discard and self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+
+
+def _lock(path: str, run_dir: str):
+    """Opens `path` and takes an exclusive flock on it -> the open file, holding our pid; a
+    directory that another live process holds is a MixerError naming that process."""
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise MixerError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        if fcntl is not None and not _flock(f, path):
             f.seek(0)
             pid = f.read(20).strip()
-            f.close()
-            raise MixerError(f"{self.path} is in use by another train.py run"
+            raise MixerError(f"{run_dir} is in use by another train.py run"
                              f"{f' (process {pid})' if pid.isdigit() else ''}: wait for it to "
                              f"end, or choose another directory")
         f.truncate(0)
         f.write(f"{os.getpid()}\n")  # for the message above, in the run that is refused
         f.flush()
-        return f
+    except OSError as e:  # a full disk
+        f.close()
+        raise MixerError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
 
-    def saved(self) -> bool:
-        return any(os.path.exists(os.path.join(self.path, name))
-                   for name in (STATE_FILE, *WEIGHTS_FILES))
 
-    def release(self) -> None:
-        if self.new and not self.saved():
-            # the run saved nothing to use or resume: what it wrote goes, and the folder if it
-            # made it (the folder was empty when the run took it)
-            for name in ("metrics.jsonl", "curves.png"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(self.path, name))
-            self._unlock(remove=True)
-            if self.created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.path)
-        else:
-            self._unlock(remove=False)
-
-    def _unlock(self, remove: bool) -> None:
-        if remove:  # while still locked: see the inode check in _lock
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.path, LOCK_FILE))
-        self.lock.close()
+def _flock(f, path: str) -> bool:
+    """Whether this process now holds the lock on the file `path` (also where the filesystem
+    has no locks, like Windows: then nothing is locked)."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return True  # a filesystem without locks (some network mounts)
+        raise MixerError(f"cannot lock {path}: {e.strerror or e}") from None
+    # a run that just ended may have removed the file we opened (release()): a lock on it would
+    # keep nobody out
+    mine = os.fstat(f.fileno())
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _make_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
+    """Creates the folders above `path`, one by one: os.makedirs recurses once per missing
+    folder, a RecursionError for a deep --out."""
+    parent, missing = os.path.dirname(os.path.abspath(path)), []
+    while not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        parent, name = os.path.split(parent)
+        missing.append(name)
     try:
-        os.makedirs(parent, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # a file where a folder should be
+        for name in reversed(missing):
+            parent = os.path.join(parent, name)
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another run
+                os.mkdir(parent)
+            if not os.path.isdir(parent):  # a file where a folder should be
+                raise NotADirectoryError
+    except NotADirectoryError:
         raise MixerError(f"cannot create the run directory {path}: {parent} is not a "
                          f"directory") from None
     except OSError as e:
@@ -1372,6 +1405,7 @@ class _StopRequest:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What train() returns."""
     run_dir: str
     step: int  # optimizer steps done
     total_steps: int
@@ -1389,6 +1423,7 @@ class Console:
         self.enabled, self.tty, self.open = enabled, enabled and sys.stderr.isatty(), False
 
     def say(self, message: str) -> None:
+        """One message line, escaped (mixer.printable)."""
         if self.enabled:
             # file and folder names from the dataset come through here: escaped, so that a name
             # cannot send the terminal escape sequences or break the line
@@ -1397,6 +1432,7 @@ class Console:
             self.open = False
 
     def progress(self, line: str, keep: bool = False) -> None:
+        """The progress line: rewritten in place on a terminal, one line each in a log."""
         if not self.tty:
             return self.say(line)
         print(f"\rtrain: {line}\033[K", end="\n" if keep else "", file=sys.stderr, flush=True)
@@ -1466,7 +1502,7 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
         # run that held the directory ended meanwhile, what was read is a complete earlier
         # state (states are replaced atomically), which resumes to the same result.
         if xp.rank == 0:
-            owner = _RunDir.claim_existing(run_dir) if resume else _RunDir.claim_new(out)
+            owner = RunDir.claim_existing(run_dir) if resume else RunDir.claim_new(out)
             cleanup.callback(owner.release)
             run_dir = owner.path
         elif not resume:  # the other ranks write nothing; the name is only for messages
@@ -1489,6 +1525,9 @@ def _check_values(settings: dict) -> None:
         if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
             raise MixerError(f"--{k.replace('_', '-')} must be a finite positive number, got "
                              f"{settings[k]}")
+    if (settings.get("memory_budget") or 0) > MAX_MEMORY_BUDGET:
+        raise MixerError(f"--memory-budget must be at most {MAX_MEMORY_BUDGET} (GiB), got "
+                         f"{settings['memory_budget']}: give the device's memory in GiB")
     for k in ("warmup", "seed"):  # numpy's generators take non-negative seeds only
         if settings.get(k) is not None and settings[k] < 0:
             raise MixerError(f"--{k} must be at least 0, got {settings[k]}")
@@ -1498,166 +1537,259 @@ def _check_values(settings: dict) -> None:
 
 
 def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) -> TrainResult:
-    say = console.say
-    classes, train_split, val_split = scan(s["data_dir"], s["val_fraction"], s["seed"], pool,
-                                           say)
-    digest = _digest(s["data_dir"], train_split)
-    if info is None:
-        config, params, preprocessing, source = build_model(
-            classes, s.get("weights"), s.get("variant"), s["image_size"], s.get("keep_head"),
-            s["seed"], **{k: s.get(k) for k in ("patch_size", "hidden_dim", "num_blocks",
-                                                "tokens_mlp_dim", "channels_mlp_dim")})
-        momentum, start, best, best_step = None, 0, None, None
-        steps = s["steps"] or math.ceil(s["epochs"] * len(train_split.files) / s["batch_size"])
-        s.update(steps=steps, image_size=config.image_size, warmup=s["warmup"] if s["warmup"]
-                 is not None else min(500, round(0.05 * steps)),
-                 eval_every=s["eval_every"] or math.ceil(steps / 10))
-    else:
-        if classes != info["classes"] or digest != info["data"]["digest"]:
-            raise MixerError(f"the training set in {s['data_dir']} changed since the run started "
-                             f"({info['data']['num_train']} images then, "
-                             f"{len(train_split.files)} now): resuming needs the same files for "
-                             f"the same data order; start a new run from "
-                             f"{os.path.join(run_dir, 'last.safetensors')} instead")
-        config = mixer.MixerConfig.from_dict(info["config"])
-        params, momentum = saved_arrays
-        preprocessing, source = info["preprocessing"], info["source"]
-        start, best, best_step = info["step"], info["best_val_top1"], info["best_step"]
-    steps, batch_size = s["steps"], s["batch_size"]
-    micro, accum, memory_line = plan_micro_batches(xp, config, s)
-    mixer.get_ops(xp.name, s["dtype"])  # a device that cannot compute the dtype says so here
-    resize = (preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if xp.rank == 0:
-        _truncate_metrics(run_dir, metrics_path, start)
-
-    trainer = Trainer(xp, config, params, momentum, accum, s["dtype"],
-                      tuple(info["loss_scale"]) if info and "loss_scale" in info else None)
-    cache = DecodeCache(s["decode_cache_mib"] * 2**20)
-    loader = Loader(train_split, len(classes), config.image_size, resize, s["augment"], s["seed"],
-                    pool, say, cache)
-    say(f"{len(train_split.files)} training images in {len(classes)} classes, "
-        f"{len(val_split.files) if val_split else 'no'} validation images; "
-        f"{config.variant or 'custom'} Mixer at {config.image_size}px from {source}, on "
-        f"{xp.name}" + (f" x {xp.size} processes" if xp.size > 1 else "")
-        + f", device {xp.ops.device()}")
-    say(f"{'resuming at step ' + str(start) + ' of ' if start else ''}{steps} steps of "
-        f"{batch_size} images ({steps * batch_size / len(train_split.files):.1f} epochs), "
-        f"lr {s['lr']}, warmup {s['warmup']}; writing {run_dir}")
-    say(memory_line)
-    if val_split is None:
-        say("no validation set: best.safetensors will not be written")
-
-    def model_now():
-        return mixer.Mixer(config, trainer.numpy("params"), backend="numpy", labels=classes,
-                           preprocessing=preprocessing)
-
-    def checkpoint(step):
-        if xp.rank != 0:
-            return
-        model_now().save(os.path.join(run_dir, "last.safetensors"),
-                         source=f"train.py: {source} trained on {s['data_dir']}, step {step}")
-        position = step * batch_size
-        save_state(os.path.join(run_dir, STATE_FILE), trainer, {
-            "version": STATE_VERSION, "step": step, "settings": s, "classes": classes,
-            "config": config.to_dict(), "preprocessing": preprocessing, "source": source,
-            "best_val_top1": best, "best_step": best_step, "val_top1": val_top1,
-            "window": window, "loss_scale": [trainer.loss_scale, trainer.good_steps],
-            "data": {"num_train": len(train_split.files), "digest": digest,
-                     "samples_seen": position, "epoch": position // len(train_split.files),
-                     "position_in_epoch": position % len(train_split.files),
-                     "order": "permutation of epoch e seeded by (seed, 0, e); augmentation of "
-                              "stream position p by (seed, 1, p) (numpy default_rng)"}})
-
-    val_top1 = info.get("val_top1") if info else None
-    step, interrupted = start, False
-    # sums since the last metrics record; saved with the state so that a resumed run logs
-    # the same records (the timing restarts)
-    window = info["window"] if info else {"loss": 0.0, "grad_norm": 0.0, "n": 0}
-    timed = {"time": 0.0, "n": 0}
-    batches = loader.batches(start + 1, batch_size, xp.rank, xp.size)
+    """The training loop: one optimizer step per global batch, a metrics record every
+    --log-every steps, an evaluation (and a checkpoint) every --eval-every, a checkpoint at a
+    stop request."""
+    run = Run(xp, s, run_dir, info, saved_arrays, console, pool)
+    steps, interrupted = s["steps"], False
+    batches = run.loader.batches(run.step + 1, s["batch_size"], xp.rank, xp.size)
     stop.training = True
-    while step < steps:
+    while run.step < steps:
         t0 = time.perf_counter()
         x, onehot = next(batches)
-        for i in range(accum):
-            trainer.accumulate(x[i * micro:(i + 1) * micro], onehot[i * micro:(i + 1) * micro])
-        lr = get_lr(step + 1, s["lr"], s["warmup"], steps)
-        loss, grad_norm = trainer.update(lr)
-        step += 1
-        if trainer.skipped:  # float16 only: the parameters did not change (Trainer)
-            say(f"step {step}: the float16 gradient overflowed, step skipped; loss scale now "
-                f"{trainer.loss_scale:g}")
-        # A non-finite gradient norm makes the parameters NaN (clipping divides by it): the
-        # run has diverged as surely as with a non-finite loss, and metrics.jsonl stays JSON.
-        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise MixerError(f"the training diverged at step {step} (loss {loss}, gradient norm "
-                             f"{grad_norm}): start again with a lower --lr")
-        if not trainer.skipped:  # a skipped step's means are not the run's
-            window["loss"] += loss
-            window["grad_norm"] += grad_norm
-            window["n"] += 1
-        timed["time"] += time.perf_counter() - t0
-        timed["n"] += 1
-        per_step = max(timed["time"] / timed["n"], 1e-9)
-        shown = {"loss": window["loss"] / max(window["n"], 1),
-                 "images_per_s": batch_size / per_step}
-        record = None
-        evaluate_now = step % s["eval_every"] == 0 or step == steps
-        if step % s["log_every"] == 0 or evaluate_now:
-            record = {"step": step, "lr": lr, "loss": shown["loss"],
-                      "grad_norm": window["grad_norm"] / max(window["n"], 1),
-                      "images_per_s": shown["images_per_s"]}
-            if s["dtype"] == "float16":
-                record["loss_scale"] = trainer.loss_scale
-            window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
-            timed = {"time": 0.0, "n": 0}
-        if evaluate_now and val_split is not None:
-            val_top1 = evaluate(trainer, val_split, config.image_size, resize, micro, pool,
-                                cache)
-            record["val_top1"] = val_top1
-            if best is None or val_top1 > best:
-                best, best_step = val_top1, step
-                if xp.rank == 0:
-                    model_now().save(os.path.join(run_dir, "best.safetensors"),
-                                     source=f"train.py: {source} trained on {s['data_dir']}, "
-                                            f"step {step}, val top-1 {val_top1:.4f}")
-        if record is not None and xp.rank == 0:
-            _append_jsonl(metrics_path, record)
-            if evaluate_now:
-                _refresh_curves(metrics_path, os.path.join(run_dir, "curves.png"), say)
-        # progress from the first step of the process on (a CPU may take minutes per step),
-        # then at every record; metrics.jsonl keeps its --log-every schedule
-        if record is not None or step == start + 1:
-            console.progress(f"step {step}/{steps}  loss {shown['loss']:.4f}  lr {lr:.4g}  "
-                             f"{shown['images_per_s']:.1f} img/s  ETA "
-                             f"{_format_time(per_step * (steps - step))}"
-                             + (f"  val top-1 {val_top1:.2%}" if evaluate_now and val_split
-                                is not None else ""),
-                             keep=evaluate_now and val_split is not None)
-        requested = stop.requested or step == stop_after
+        lr = get_lr(run.step + 1, s["lr"], s["warmup"], steps)
+        loss, grad_norm = run.train_step(x, onehot, lr)
+        run.tally(loss, grad_norm, time.perf_counter() - t0)
+        evaluating = run.step % s["eval_every"] == 0 or run.step == steps
+        record = run.record(lr) if run.step % s["log_every"] == 0 or evaluating else None
+        if evaluating and run.val_split is not None:
+            record["val_top1"] = run.evaluate()
+        if record is not None:
+            run.log(record, evaluating)
+        run.progress(lr, record, evaluating)
+        requested = stop.requested or run.step == stop_after
         if xp.size > 1:  # every rank must stop after the same step
             requested = xp.sum_over_ranks(float(requested)) > 0
-        if evaluate_now or requested:
-            checkpoint(step)
-        if requested and step < steps:
+        if evaluating or requested:
+            run.checkpoint()
+        if requested and run.step < steps:
             interrupted = True
             break
     stop.training = False
-    # name the weights file that exists: best.safetensors only after an evaluation
-    last = os.path.join(run_dir, "last.safetensors")
-    best_file = os.path.join(run_dir, "best.safetensors")
-    if interrupted:
-        say(f"stopped after step {step}: python mixer.py IMAGE --weights {last}"
-            + (f" (or {best_file}: val top-1 {best:.2%} at step {best_step})"
-               if best is not None else "")
-            + f"; continue with: python train.py --resume {run_dir}")
-    elif best is not None:
-        say(f"done: {step} steps, val top-1 {val_top1:.2%} (best {best:.2%} at step "
-            f"{best_step}): python mixer.py IMAGE --weights {best_file}")
-    else:
-        say(f"done: {step} steps: python mixer.py IMAGE --weights {last}")
-    return TrainResult(run_dir, step, steps, interrupted, val_top1, best, model_now())
+    run.say_end(interrupted)
+    return TrainResult(run_dir, run.step, steps, interrupted, run.val_top1, run.best,
+                       run.model())
+
+
+class Run:
+    """One training run's state, and the parts of the loop that _run names: a new run's model
+    (build_model) or a resumed one's (load_state), the trainer, the loader, the sums behind the
+    next metrics record, the best validation top-1 so far."""
+
+    def __init__(self, xp, s, run_dir, info, saved_arrays, console, pool):
+        self.xp, self.s, self.run_dir, self.say, self.console = xp, s, run_dir, console.say, console
+        self.classes, self.train_split, self.val_split = scan(s["data_dir"], s["val_fraction"],
+                                                              s["seed"], pool, self.say)
+        self.digest = _digest(s["data_dir"], self.train_split)
+        if info is None:
+            params, momentum = self._new_model()
+        else:
+            params, momentum = self._resumed_model(info, saved_arrays)
+        micro, accum, memory_line = plan_micro_batches(xp, self.config, s)
+        self.micro, self.accum = micro, accum
+        mixer.get_ops(xp.name, s["dtype"])  # a device that cannot compute the dtype says so here
+        self.resize = (self.preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if xp.rank == 0:
+            _truncate_metrics(run_dir, self.metrics_path, self.step)
+        self.trainer = Trainer(xp, self.config, params, momentum, accum, s["dtype"],
+                               tuple(info["loss_scale"]) if info and "loss_scale" in info
+                               else None)
+        self.cache = DecodeCache(s["decode_cache_mib"] * 2**20)
+        self.loader = Loader(self.train_split, len(self.classes), self.config.image_size,
+                             self.resize, s["augment"], s["seed"], pool, self.say, self.cache)
+        self.pool, self.plots = pool, True
+        self.val_top1 = info.get("val_top1") if info else None
+        # sums since the last metrics record; saved with the state so that a resumed run logs
+        # the same records (the timing restarts)
+        self.window = info["window"] if info else {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+        self.timed = {"time": 0.0, "n": 0}
+        self.start_step = self.step
+        self._say_start(memory_line)
+
+    def _new_model(self):
+        s = self.s
+        self.config, params, self.preprocessing, self.source = build_model(
+            self.classes, s.get("weights"), s.get("variant"), s["image_size"], s.get("keep_head"),
+            s["seed"], **{k: s.get(k) for k in ("patch_size", "hidden_dim", "num_blocks",
+                                                "tokens_mlp_dim", "channels_mlp_dim")})
+        self.step, self.best, self.best_step = 0, None, None
+        steps = s["steps"] or math.ceil(s["epochs"] * len(self.train_split.files)
+                                        / s["batch_size"])
+        s.update(steps=steps, image_size=self.config.image_size,
+                 warmup=s["warmup"] if s["warmup"] is not None else min(500, round(0.05 * steps)),
+                 eval_every=s["eval_every"] or math.ceil(steps / 10))
+        return params, None
+
+    def _resumed_model(self, info, saved_arrays):
+        if self.classes != info["classes"] or self.digest != info["data"]["digest"]:
+            raise MixerError(f"the training set in {self.s['data_dir']} changed since the run "
+                             f"started ({info['data']['num_train']} images then, "
+                             f"{len(self.train_split.files)} now): resuming needs the same files "
+                             f"for the same data order; start a new run from "
+                             f"{os.path.join(self.run_dir, 'last.safetensors')} instead")
+        self.config = mixer.MixerConfig.from_dict(info["config"])
+        self.preprocessing, self.source = info["preprocessing"], info["source"]
+        self.step, self.best, self.best_step = info["step"], info["best_val_top1"], \
+            info["best_step"]
+        return saved_arrays
+
+    def _say_start(self, memory_line: str) -> None:
+        s, xp, n = self.s, self.xp, len(self.train_split.files)
+        self.say(f"{n} training images in {len(self.classes)} classes, "
+                 f"{len(self.val_split.files) if self.val_split else 'no'} validation images; "
+                 f"{self.config.variant or 'custom'} Mixer at {self.config.image_size}px from "
+                 f"{self.source}, on {xp.name}" + (f" x {xp.size} processes" if xp.size > 1
+                                                  else "") + f", device {xp.ops.device()}")
+        self.say(f"{'resuming at step ' + str(self.step) + ' of ' if self.step else ''}"
+                 f"{s['steps']} steps of {s['batch_size']} images "
+                 f"({s['steps'] * s['batch_size'] / n:.1f} epochs), lr {s['lr']}, warmup "
+                 f"{s['warmup']}; writing {self.run_dir}")
+        self.say(memory_line)
+        if self.val_split is None:
+            self.say("no validation set: best.safetensors will not be written")
+
+    def train_step(self, x: np.ndarray, onehot: np.ndarray, lr: float) -> tuple[float, float]:
+        """One optimizer step on the global batch's share of this process, in micro-batches.
+        A float16 step whose gradient overflowed changed nothing (Trainer); one that overflows
+        at a loss scale below LOSS_SCALE_MIN overflows unscaled: float16 cannot train it."""
+        micro, trainer = self.micro, self.trainer
+        for i in range(self.accum):
+            trainer.accumulate(x[i * micro:(i + 1) * micro], onehot[i * micro:(i + 1) * micro])
+        loss, grad_norm = trainer.update(lr)
+        self.step += 1
+        if trainer.skipped and trainer.loss_scale < LOSS_SCALE_MIN:
+            raise MixerError(f"float16 cannot train this model: at step {self.step} its "
+                             f"gradient still overflowed with the loss scale down to "
+                             f"{trainer.loss_scale:g}, so the weights have not changed since the "
+                             f"last good step; train with --dtype bfloat16 (float32's range) or "
+                             f"float32")
+        if trainer.skipped:
+            self.say(f"step {self.step}: the float16 gradient overflowed, step skipped; loss "
+                     f"scale now {trainer.loss_scale:g}")
+        # A non-finite gradient norm makes the parameters NaN (clipping divides by it): the
+        # run has diverged as surely as with a non-finite loss, and metrics.jsonl stays JSON.
+        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise MixerError(f"the training diverged at step {self.step} (loss {loss}, gradient "
+                             f"norm {grad_norm}): start again with a lower --lr")
+        return loss, grad_norm
+
+    def tally(self, loss: float, grad_norm: float, seconds: float) -> None:
+        """Adds a step to the sums behind the next record (a skipped step's means are not the
+        run's) and to the timing."""
+        if not self.trainer.skipped:
+            self.window = {"loss": self.window["loss"] + loss,
+                           "grad_norm": self.window["grad_norm"] + grad_norm,
+                           "n": self.window["n"] + 1}
+        self.timed = {"time": self.timed["time"] + seconds, "n": self.timed["n"] + 1}
+
+    def shown(self) -> tuple[float, float, float]:
+        """(mean loss, images/s, seconds per step) since the last record."""
+        per_step = max(self.timed["time"] / self.timed["n"], 1e-9)
+        return (self.window["loss"] / max(self.window["n"], 1),
+                self.s["batch_size"] / per_step, per_step)
+
+    def record(self, lr: float) -> dict:
+        """The metrics record of this step, from the sums, which start again."""
+        loss, images_per_s, _ = self.shown()
+        record = {"step": self.step, "lr": lr, "loss": loss,
+                  "grad_norm": self.window["grad_norm"] / max(self.window["n"], 1),
+                  "images_per_s": images_per_s}
+        if self.s["dtype"] == "float16":
+            record["loss_scale"] = self.trainer.loss_scale
+        self.window = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+        self.timed = {"time": 0.0, "n": 0}
+        return record
+
+    def evaluate(self) -> float:
+        """Val top-1 now; a new best is saved as best.safetensors."""
+        self.val_top1 = evaluate(self.trainer, self.val_split, self.config.image_size,
+                                 self.resize, self.micro, self.pool, self.cache)
+        if self.best is None or self.val_top1 > self.best:
+            self.best, self.best_step = self.val_top1, self.step
+            if self.xp.rank == 0:
+                self.model().save(os.path.join(self.run_dir, "best.safetensors"),
+                                  source=f"train.py: {self.source} trained on "
+                                         f"{self.s['data_dir']}, step {self.step}, val top-1 "
+                                         f"{self.val_top1:.4f}")
+        return self.val_top1
+
+    def log(self, record: dict, evaluating: bool) -> None:
+        """Appends the record to metrics.jsonl and, at an evaluation, redraws curves.png: a
+        picture that cannot be drawn is one line, and training goes on."""
+        if self.xp.rank != 0:
+            return
+        _append_jsonl(self.metrics_path, record)
+        if not (evaluating and self.plots):
+            return
+        try:
+            figure = draw_curves(read_metrics(self.metrics_path))
+            if figure is not None:
+                save_figure(figure, os.path.join(self.run_dir, "curves.png"))
+        except MixerError as e:
+            self.say(f"curves.png not refreshed: {e}")
+            return
+        if figure is None:  # said once
+            self.plots = False
+            self.say(NO_PLOTS.format("curves.png"))
+
+    def progress(self, lr: float, record: dict | None, evaluating: bool) -> None:
+        """The progress line: after the first step of the process (a CPU may take minutes per
+        step), then at every record; metrics.jsonl keeps its --log-every schedule."""
+        if record is None and self.step != self.start_step + 1:
+            return
+        if record is not None:
+            loss, images_per_s, per_step = record["loss"], record["images_per_s"], \
+                self.s["batch_size"] / record["images_per_s"]
+        else:
+            loss, images_per_s, per_step = self.shown()
+        val = evaluating and self.val_split is not None
+        self.console.progress(
+            f"step {self.step}/{self.s['steps']}  loss {loss:.4f}  lr {lr:.4g}  "
+            f"{images_per_s:.1f} img/s  ETA {_format_time(per_step * (self.s['steps'] - self.step))}"
+            + (f"  val top-1 {self.val_top1:.2%}" if val else ""), keep=val)
+
+    def model(self) -> mixer.Mixer:
+        """The weights now, labelled with the class names (numpy backend)."""
+        return mixer.Mixer(self.config, self.trainer.numpy("params"), backend="numpy",
+                           labels=self.classes, preprocessing=self.preprocessing)
+
+    def checkpoint(self) -> None:
+        """last.safetensors and the state that --resume continues from (rank 0 writes)."""
+        if self.xp.rank != 0:
+            return
+        s, step, n = self.s, self.step, len(self.train_split.files)
+        self.model().save(os.path.join(self.run_dir, "last.safetensors"),
+                          source=f"train.py: {self.source} trained on {s['data_dir']}, step "
+                                 f"{step}")
+        position = step * s["batch_size"]
+        save_state(os.path.join(self.run_dir, STATE_FILE), self.trainer, {
+            "version": STATE_VERSION, "step": step, "settings": s, "classes": self.classes,
+            "config": self.config.to_dict(), "preprocessing": self.preprocessing,
+            "source": self.source, "best_val_top1": self.best, "best_step": self.best_step,
+            "val_top1": self.val_top1, "window": self.window,
+            "loss_scale": [self.trainer.loss_scale, self.trainer.good_steps],
+            "data": {"num_train": n, "digest": self.digest, "samples_seen": position,
+                     "epoch": position // n, "position_in_epoch": position % n,
+                     "order": "permutation of epoch e seeded by (seed, 0, e); augmentation of "
+                              "stream position p by (seed, 1, p) (numpy default_rng)"}})
+
+    def say_end(self, interrupted: bool) -> None:
+        """The last line: the weights file that exists (best.safetensors only after an
+        evaluation), and how to continue a stopped run."""
+        last = os.path.join(self.run_dir, "last.safetensors")
+        best_file = os.path.join(self.run_dir, "best.safetensors")
+        if interrupted:
+            self.say(f"stopped after step {self.step}: python mixer.py IMAGE --weights {last}"
+                     + (f" (or {best_file}: val top-1 {self.best:.2%} at step {self.best_step})"
+                        if self.best is not None else "")
+                     + f"; continue with: python train.py --resume {self.run_dir}")
+        elif self.best is not None:
+            self.say(f"done: {self.step} steps, val top-1 {self.val_top1:.2%} (best "
+                     f"{self.best:.2%} at step {self.best_step}): python mixer.py IMAGE "
+                     f"--weights {best_file}")
+        else:
+            self.say(f"done: {self.step} steps: python mixer.py IMAGE --weights {last}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1696,6 +1828,7 @@ def ridge_solutions(x: np.ndarray, y: np.ndarray, l2s) -> list[np.ndarray]:
 
 @dataclasses.dataclass
 class ProbeFit:
+    """One closed-form fit (fit_probe)."""
     l2: float  # the chosen λ
     w: np.ndarray  # (D + 1, C) on whitened features, the last row for the constant feature
     mean: np.ndarray  # (D,) the training features' statistics
@@ -1728,25 +1861,33 @@ def fold_head(fit: ProbeFit) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
+def preprocessed_batches(model: mixer.Mixer, files: list[str], batch_size: int):
+    """Yields, batch_size files at a time: (the indices of the files that decoded, their images
+    stacked (or None), the indices of those that did not). The images are mixer.preprocess's at
+    the model's size and resize, decoded ahead in threads (mixer.decode_ahead, as classify does)
+    while the model runs."""
+    size, resize = model.config.image_size, model.preprocessing.get("resize", "crop")
+    decode = functools.partial(mixer.preprocess, size=size, resize=resize)
+    with contextlib.closing(mixer.decode_ahead(files, batch_size, decode)) as batches:
+        for batch in batches:
+            good = [(i, im) for i, _, im in batch if not isinstance(im, MixerError)]
+            yield ([i for i, _ in good], np.stack([im for _, im in good]) if good else None,
+                   [i for i, _, im in batch if isinstance(im, MixerError)])
+
+
 def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, progress,
                      what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logits of `files` (mixer.preprocess at the model's size and resize), batch_size at a
-    time, decoded ahead by classify's pipeline (mixer.decode_ahead) while the model runs.
-    -> (features (N, D) float32, ok (N,) bool: False where a file could not be decoded, e.g.
-    changed or damaged since the scan)."""
-    size, resize = model.config.image_size, model.preprocessing.get("resize", "crop")
+    """Pre-logits of `files` (preprocessed_batches). -> (features (N, D) float32, ok (N,) bool:
+    False where a file could not be decoded, e.g. changed or damaged since the scan)."""
     n = len(files)
     features = np.zeros((n, model.config.hidden_dim), np.float32)
     ok = np.zeros(n, bool)
     start, done = time.perf_counter(), 0
-    for batch in mixer.decode_ahead(files, batch_size, lambda path: mixer.preprocess(
-            path, size=size, resize=resize)):
-        good = [(i, im) for i, _, im in batch if not isinstance(im, MixerError)]
+    for good, x, bad in preprocessed_batches(model, files, batch_size):
         if good:
-            index = [i for i, _ in good]
-            features[index] = model.features(np.stack([im for _, im in good]))
-            ok[index] = True
-        done += len(batch)
+            features[good] = model.features(x)
+            ok[good] = True
+        done += len(good) + len(bad)
         rate = done / max(time.perf_counter() - start, 1e-9)
         progress(f"{what} features: {done}/{n} images ({rate:.0f}/s)", keep=done == n)
     return features, ok
@@ -1788,6 +1929,7 @@ def _probe_features(run_dir, key, model, splits, batch_size, console) -> dict:
 
 @dataclasses.dataclass
 class ProbeResult:
+    """What linear_probe() returns."""
     run_dir: str
     l2: float  # λ of the written head
     val_top1: list[float] | None  # one per seed (one without --shots); None without val/
@@ -1800,8 +1942,8 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
     """Fits the paper's linear probe on the frozen pre-logits of `weights` (any backend; the
     default one when None) and writes RUN_DIR/best.safetensors: the same backbone with the
     fitted head and the class names. The features are kept in RUN_DIR/features.safetensors: a
-    later probe with the same --out and the same weights and images fits again without
-    extracting them (another --l2 or --shots)."""
+    later probe with the same --out, the same weights and the same image files (names, labels,
+    sizes, times, inodes) fits again without extracting them (another --l2 or --shots)."""
     if data_dir is None or weights is None:
         raise MixerError("--linear-probe needs DATA_DIR and --weights FILE (the frozen model)")
     if l2 is not None and not (math.isfinite(l2) and l2 > 0):
@@ -1824,41 +1966,20 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
             _check_shots(shots, train_split.labels, classes)
         model = mixer.load(weights, backend=backend)
         splits = {"train": train_split, **({"val": val_split} if val_split else {})}
+        # everything the features depend on: a file rewritten, replaced or renamed over another
+        # changes its signature (as for the decode cache), so stale features are never reused
         key = {"weights": _file_digest(weights), "image_size": model.config.image_size,
-               "resize": model.preprocessing.get("resize", "crop"),
-               **{name: _digest(data_dir, split) for name, split in splits.items()}}
+               "resize": model.preprocessing.get("resize", "crop"), "backend": model.backend,
+               **{name: _digest(data_dir, split, signatures=True)
+                  for name, split in splits.items()}}
         console.say(f"{len(train_split.files)} training images in {len(classes)} classes, "
                     f"{len(val_split.files) if val_split else 'no'} validation images; "
                     f"features of {os.path.basename(weights)} at {model.config.image_size}px "
                     f"on {model.backend}; writing {owner.path}")
         found = _probe_features(owner.path, key, model, splits, batch_size or PROBE_BATCH,
                                 console)
-        keep = found["train"][1]
-        features, labels = found["train"][0][keep], train_split.labels[keep]
-        val = None
-        if val_split is not None:
-            val = (found["val"][0][found["val"][1]], val_split.labels[found["val"][1]])
-        if shots:  # again: an image that failed to decode is not there to draw
-            _check_shots(shots, labels, classes)
-        l2s = [l2] if l2 is not None else list(PROBE_L2_GRID) if val else [PROBE_L2_DEFAULT]
-        fits = []
-        for draw in range(PROBE_SEEDS if shots else 1):
-            pick = np.arange(len(labels))
-            if shots:
-                rng = np.random.default_rng([seed + draw, 3])
-                pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), shots,
-                                                          replace=False)
-                                               for c in range(len(classes))]))
-            fits.append(fit_probe(features[pick], labels[pick], len(classes), l2s, val))
-        fit = fits[0]  # with --shots: the first seed's head is the one written
-        kernel, bias = fold_head(fit)
-        params = model.numpy_params()
-        params["head/kernel"], params["head/bias"] = kernel, bias
-        config = dataclasses.replace(model.config, num_classes=len(classes))
-        probe = mixer.Mixer(config, params, backend="numpy", labels=classes,
-                            preprocessing=model.preprocessing)
-        probe.save(os.path.join(owner.path, "best.safetensors"),
-                   source=f"linear probe on {os.path.basename(weights)}")
+        fits, labels, val = _fit_draws(found, train_split, val_split, classes, l2, shots, seed)
+        probe = _save_probe(model, weights, fits[0], classes, owner.path)
         top1 = [f.val_top1[f.l2] for f in fits] if val else None
         record = {"weights": os.path.abspath(weights), "data_dir": os.path.abspath(data_dir),
                   "classes": classes, "num_train": int(len(labels)),
@@ -1869,19 +1990,73 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
                                      for f in fits]}
         with mixer.atomic_write(os.path.join(owner.path, PROBE_FILE)) as f:
             f.write((json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
-        how = "λ fixed by --l2" if l2 is not None else "λ picked on val/ from 2^-10..2^20" \
-            if val else f"λ = 2^10 (big_vision's; no validation split to pick one on)"
-        if top1 is None:
-            console.say(f"no validation split: nothing to score; {how}")
-        elif shots:
-            console.say(f"{shots}-shot val top-1 over {len(fits)} seeds: mean "
-                        f"{np.mean(top1):.4f}, std {np.std(top1):.4f} "
-                        f"({', '.join(f'{t:.4f}' for t in top1)}); {how}; best.safetensors "
-                        f"is seed {seed}'s (λ = {fit.l2:g})")
-        else:
-            console.say(f"val top-1 {top1[0]:.4f} at λ = {fit.l2:g} ({how})")
+        _say_probe(console, top1, fits[0].l2, l2, shots, seed, val is not None)
         console.say(f"wrote {os.path.join(owner.path, 'best.safetensors')}")
-        return ProbeResult(owner.path, fit.l2, top1, probe)
+        return ProbeResult(owner.path, fits[0].l2, top1, probe)
+
+
+def _fit_draws(found, train_split, val_split, classes, l2, shots, seed):
+    """-> (the fits, one per draw (PROBE_SEEDS of them with --shots), the labels of the
+    training images that decoded, (val features, val labels) or None)."""
+    keep = found["train"][1]
+    features, labels = found["train"][0][keep], train_split.labels[keep]
+    val = None
+    if val_split is not None:
+        val = (found["val"][0][found["val"][1]], val_split.labels[found["val"][1]])
+    if shots:  # again: an image that failed to decode is not there to draw
+        _check_shots(shots, labels, classes)
+    l2s = [l2] if l2 is not None else list(PROBE_L2_GRID) if val else [PROBE_L2_DEFAULT]
+    fits = []
+    for draw in range(PROBE_SEEDS if shots else 1):
+        pick = np.arange(len(labels))
+        if shots:
+            rng = np.random.default_rng([seed + draw, 3])
+            pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), shots,
+                                                      replace=False)
+                                           for c in range(len(classes))]))
+        fits.append(fit_probe(features[pick], labels[pick], len(classes), l2s, val))
+    return fits, labels, val
+
+
+def _save_probe(model, weights, fit, classes, run_dir) -> mixer.Mixer:
+    """RUN_DIR/best.safetensors: the backbone, bit for bit, with the folded head. A quantised
+    file's kernels are taken as it stores them (packed values, scales and biases, under the
+    names its `mixer.quantization` metadata lays out) and saved again with its bits and group
+    size, which keeps them as they are."""
+    q = model.quantization
+    if q is None:
+        params = model.numpy_params()
+    else:
+        tensors, metadata = mixer.read_safetensors(weights)
+        layout = json.loads(metadata["mixer.quantization"])["layout"]
+        params = {k: mixer.QuantizedTensor(tensors[k], tensors[f"{k}.scales"],
+                                           tensors[f"{k}.biases"], q["bits"], q["group_size"],
+                                           layout[k], shape)
+                  if layout.get(k, "float16") != "float16" else mixer.as_float32(tensors[k])
+                  for k, shape in mixer.param_shapes(model.config).items()}
+    params["head/kernel"], params["head/bias"] = fold_head(fit)
+    config = dataclasses.replace(model.config, num_classes=len(classes))
+    probe = mixer.Mixer(config, params, backend="numpy", labels=classes,
+                        preprocessing=model.preprocessing)
+    probe.save(os.path.join(run_dir, "best.safetensors"),
+               source=f"linear probe on {os.path.basename(weights)}",
+               **({"dtype": f"int{q['bits']}", "group_size": q["group_size"]} if q else {}))
+    return probe
+
+
+def _say_probe(console, top1, chosen, l2, shots, seed, has_val) -> None:
+    """The probe's result line: the val top-1 (over the draws with --shots) and how λ was set."""
+    how = "λ fixed by --l2" if l2 is not None else "λ picked on val/ from 2^-10..2^20" \
+        if has_val else "λ = 2^10 (big_vision's; no validation split to pick one on)"
+    if top1 is None:
+        console.say(f"no validation split: nothing to score; {how}")
+    elif shots:
+        console.say(f"{shots}-shot val top-1 over {len(top1)} seeds: mean "
+                    f"{np.mean(top1):.4f}, std {np.std(top1):.4f} "
+                    f"({', '.join(f'{t:.4f}' for t in top1)}); {how}; best.safetensors "
+                    f"is seed {seed}'s (λ = {chosen:g})")
+    else:
+        console.say(f"val top-1 {top1[0]:.4f} at λ = {chosen:g} ({how})")
 
 
 def _check_shots(shots: int, labels: np.ndarray, classes: list[str]) -> None:
@@ -1891,14 +2066,14 @@ def _check_shots(shots: int, labels: np.ndarray, classes: list[str]) -> None:
                          f"{counts.min()} training images")
 
 
-def _claim_probe_dir(out) -> _RunDir:
+def _claim_probe_dir(out) -> RunDir:
     """An earlier probe's RUN_DIR (it holds features, and no training state) is taken again, to
     reuse its features; anything else is claimed as a new run's."""
     if out is not None and os.path.isdir(out):
         names = set(os.listdir(out))
         if FEATURES_FILE in names and STATE_FILE not in names:
-            return _RunDir.claim_existing(out)
-    return _RunDir.claim_new(out)
+            return RunDir.claim_existing(out)
+    return RunDir.claim_new(out)
 
 
 # Options that mean something to --linear-probe; any other is refused with it.
@@ -1917,122 +2092,79 @@ def _probe_main(options: dict) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# RUN_DIR/curves.png: the run at a glance, redrawn at each evaluation.
+# Charts: RUN_DIR/curves.png (redrawn at each evaluation) and --eval-only's confusion.png, drawn
+# by matplotlib where it is installed (pip install "mlp-mixer-edge[plots]"); without it a run
+# says so once and draws nothing. A Figure on its own Agg canvas, not pyplot: nothing
+# process-wide (the backend, rcParams, open figures) is touched.
 
-CURVES_SIZE = (640, 400)
-CURVES_COLOURS = {"loss": (31, 119, 180), "lr": (255, 127, 14), "val": (44, 160, 44),
-                  "axes": (0, 0, 0), "grid": (225, 225, 225)}
-# the two panels' plotting areas (left, top, right, bottom), room left for tick labels
-CURVES_PANELS = ((60, 22, 570, 200), (60, 242, 570, 370))
-
-
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round values (1, 2 or 5 times a power of ten apart) inside [lo, hi], about `count`."""
-    raw = (hi - lo) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.ceil(lo / step)
-    return [k * step for k in range(first, math.floor(hi / step) + 1)]
+NO_PLOTS = 'matplotlib is not installed: no {} (pip install "mlp-mixer-edge[plots]" draws it)'
+CURVES_COLOURS = {"loss": "#1f77b4", "lr": "#ff7f0e", "val": "#2ca02c"}
+CURVES_INCHES = (6.4, 4.0)  # at 100 dpi: 640 x 400 pixels
+CONFUSION_MAX = 40  # classes drawn in confusion.png; with more, the most confused ones
+NAME_CHARS = 28  # longer class names are shortened on the picture (eval.json has them whole)
 
 
-def _limits(values) -> tuple[float, float]:
-    """The range drawn for `values`: theirs, widened by 5% (a flat series by 1 or 10%)."""
-    lo, hi = min(values), max(values)
-    if hi == lo:
-        pad = abs(lo) * 0.1 or 1.0
-    else:
-        pad = (hi - lo) * 0.05
-    return lo - pad, hi + pad
-
-
-def _draw_panel(draw, box, xlim, series, left_label, right_label=None) -> None:
-    """One panel: frame, x ticks, and each (xs, ys, colour, side) of `series` scaled to its
-    own y range, its ticks on its side of the frame ("left" or "right")."""
-    x0, y0, x1, y1 = box
-    colours = CURVES_COLOURS
-    draw.rectangle(box, outline=colours["axes"])
-
-    def px(x):
-        return x0 + (x - xlim[0]) / (xlim[1] - xlim[0]) * (x1 - x0)
-
-    for tick in _nice_ticks(*xlim):
-        draw.line([(px(tick), y1), (px(tick), y1 + 3)], fill=colours["axes"])
-        text = f"{tick:g}"
-        draw.text((px(tick) - draw.textlength(text) / 2, y1 + 5), text, fill=colours["axes"])
-    draw.text((x0, y0 - 14), left_label[0], fill=left_label[1])
-    if right_label is not None:
-        draw.text((x1 - draw.textlength(right_label[0]), y0 - 14), right_label[0],
-                  fill=right_label[1])
-    for xs, ys, colour, side in series:
-        ylim = _limits(ys)
-
-        def py(y, ylim=ylim):
-            return y1 - (y - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0)
-
-        for tick in _nice_ticks(*ylim):
-            text = f"{tick:.3g}"
-            if side == "left":
-                draw.line([(x0 + 1, py(tick)), (x1 - 1, py(tick))], fill=colours["grid"])
-                draw.text((x0 - 5 - draw.textlength(text), py(tick) - 6), text, fill=colour)
-            else:
-                draw.text((x1 + 5, py(tick) - 6), text, fill=colour)
-        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points if len(points) < 40 else []:  # sparse series: each value marked
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-
-
-def _finite(value) -> bool:
-    """Whether value is a finite number of a record (json.loads also reads NaN and Infinity)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _draw_curves(metrics_path: str, png_path: str) -> None:
-    """Draws metrics.jsonl to png_path (written atomically), CURVES_SIZE pixels: the top panel
-    the training loss (left axis) and the learning rate (right axis), the bottom one the
-    validation top-1 in percent, both against steps. Lines that are not records are passed
-    over; an empty file draws empty panels."""
-    from PIL import Image, ImageDraw
-
-    with mixer.open_regular(metrics_path, what="a metrics file") as f:
-        data = f.read()
-    records = []
-    for line in data.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # not JSON, or not UTF-8
-            continue
-        if isinstance(record, dict) and _finite(record.get("step")):
-            records.append(record)
-    train = [r for r in records if _finite(r.get("loss")) and _finite(r.get("lr"))]
-    val = [r for r in records if _finite(r.get("val_top1"))]
-    img = Image.new("RGB", CURVES_SIZE, "white")
-    draw = ImageDraw.Draw(img)
-    colours = CURVES_COLOURS
-    steps = [r["step"] for r in train + val]
-    xlim = (0, max(steps)) if steps and max(steps) > 0 else (0, 1)
-    top, bottom = CURVES_PANELS
-    series = [([r["step"] for r in train], [r["loss"] for r in train], colours["loss"], "left"),
-              ([r["step"] for r in train], [r["lr"] for r in train], colours["lr"], "right")]
-    _draw_panel(draw, top, xlim, series if train else [], ("training loss", colours["loss"]),
-                ("learning rate", colours["lr"]))
-    series = [([r["step"] for r in val], [100 * r["val_top1"] for r in val], colours["val"],
-               "left")]
-    _draw_panel(draw, bottom, xlim, series if val else [],
-                ("validation top-1 (%)" + ("" if val else ": no evaluation yet"), colours["val"]))
-    draw.text((bottom[2] - draw.textlength("step"), bottom[3] + 16), "step", fill=colours["axes"])
-    with mixer.atomic_write(png_path) as f:
-        img.save(f, format="PNG")
-
-
-def _refresh_curves(metrics_path: str, png_path: str, say) -> None:
-    """_draw_curves for the training loop: a picture that cannot be written (a full disk, a
-    folder in its place) is one line, and training goes on."""
+def new_figure(inches: tuple[float, float]):
+    """An empty matplotlib Figure at 100 dpi on an Agg canvas, or None without matplotlib."""
     try:
-        _draw_curves(metrics_path, png_path)
-    except MixerError as e:
-        say(f"curves.png not refreshed: {e}")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    figure = Figure(figsize=inches, dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path: str) -> None:
+    """Writes the figure as a PNG, atomically."""
+    with mixer.atomic_write(path) as f:
+        figure.savefig(f, format="png")
+
+
+def draw_curves(records: list[dict]):
+    """metrics.jsonl's records as a Figure (None without matplotlib): the training loss and the
+    learning rate (its axis on the right) above, the validation top-1 below, against steps."""
+    figure = new_figure(CURVES_INCHES)
+    if figure is None:
+        return None
+    colours, steps = CURVES_COLOURS, [r["step"] for r in records]
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    lr_axis = top.twinx()
+    val = [r for r in records if "val_top1" in r]
+    # solid lines (no anti-aliasing): each curve's pixels are its colour exactly
+    line = {"linewidth": 2, "antialiased": False}
+    top.plot(steps, [r["loss"] for r in records], color=colours["loss"], **line)
+    lr_axis.plot(steps, [r["lr"] for r in records], color=colours["lr"], **line)
+    bottom.plot([r["step"] for r in val], [100 * r["val_top1"] for r in val],
+                color=colours["val"], marker="o" if len(val) < 40 else None, **line)
+    top.set_ylabel("training loss", color=colours["loss"])
+    lr_axis.set_ylabel("learning rate", color=colours["lr"])
+    bottom.set_ylabel("val top-1 (%)", color=colours["val"])
+    bottom.set_xlabel("step")
+    for axes in (top, bottom):
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def draw_confusion(matrix: np.ndarray, names: list[str], title: str):
+    """The confusion matrix as a Figure (None without matplotlib): true classes down, predicted
+    ones along, each cell coloured by its share of its row (white 0, dark blue 1)."""
+    n = len(names)
+    figure = new_figure((max(4.0, 2.5 + 0.2 * n), max(3.5, 2.0 + 0.2 * n)))
+    if figure is None:
+        return None
+    axes = figure.subplots()
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    names = [x if len(x) <= NAME_CHARS else x[:NAME_CHARS - 1] + "…" for x in names]
+    # parse_math=False: a class name with '$' in it is text, not a formula
+    axes.set_xticks(range(n), names, rotation=90, parse_math=False)
+    axes.set_yticks(range(n), names, parse_math=False)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title, parse_math=False)
+    return figure
 
 
 # --------------------------------------------------------------------------------------------
@@ -2065,11 +2197,6 @@ def train_throughput(backend: str, variant: str = "S/32", batch_size: int = 32, 
 
 EVAL_JSON, CONFUSION_PNG = "eval.json", "confusion.png"
 EVAL_BATCH = 32  # images per forward (Mixer.classify's default)
-CONFUSION_MAX = 40  # classes drawn in confusion.png; with more, the most confused ones
-CELL = 18  # pixels per confusion cell: room for a class name of the default font beside it
-NAME_CHARS = 28  # longer class names are shortened on the picture (eval.json has them whole)
-MARGIN = 8
-HEAT = (8, 48, 107)  # the colour of a row-normalised count of 1; 0 is white
 
 
 def eval_folder(data_dir: str) -> str:
@@ -2131,6 +2258,7 @@ def match_classes(folders: list[str], labels: list[str], wnids: list[str] | None
 
 @dataclasses.dataclass
 class EvalResult:
+    """What evaluate_weights() returns."""
     run_dir: str
     report: dict  # what eval.json holds
     confusion: np.ndarray  # (K, K) counts, true class x predicted class
@@ -2165,47 +2293,44 @@ def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
         console.say(f"skipping {os.path.join(folder, name)}: {why}")
     files, truth = [], []
     for name, c in matched.items():
-        class_dir = os.path.join(folder, name)
-        paths = [os.path.join(class_dir, f) for f in _listdir(class_dir)
-                 if not f.startswith(".") and os.path.isfile(os.path.join(class_dir, f))]
+        paths = _class_files(os.path.join(folder, name))
         files += paths
         truth += [c] * len(paths)
     if not files:
         raise MixerError(f"the matched class folders of {folder} hold no files")
 
-    owner = _RunDir.claim_new(out, suffix="-eval")
+    owner = RunDir.claim_new(out, suffix="-eval")
     try:
         result = _score(model, files, np.array(truth), labels, matched, batch_size, console,
                         owner.path)
         result.report.update(weights=os.path.abspath(weights), data=os.path.abspath(folder),
                              unmatched_folders=sorted(unmatched))
-        _write_eval(result, labels)
-    except BaseException:
-        # a run that wrote nothing whole leaves nothing (release() removes what it made)
-        for name in (EVAL_JSON, CONFUSION_PNG):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(owner.path, name))
-        owner.release()
-        raise
-    owner._unlock(remove=True)
-    _print_summary(result, labels)
+        drawn = _write_eval(result, labels)
+    finally:  # a run that wrote nothing whole leaves nothing; a whole one, no lock file
+        owner.release(keep_lock_file=False)
+    if not drawn:
+        console.say(NO_PLOTS.format(CONFUSION_PNG))
+    _print_summary(result, drawn)
     return result
 
 
 def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -> EvalResult:
-    """Classifies every file (Mixer.classify's path: the weights file's preprocessing, decoding
-    threads) and counts; unreadable files are reported and left out."""
+    """Classifies every file as Mixer.classify does (the weights file's preprocessing, decoding
+    threads, the classes ranked by logit) and counts; unreadable files are reported and left
+    out."""
     k = min(5, model.config.num_classes)
     start = time.perf_counter()
-    top, bad = [], []
-    with contextlib.closing(model._classify_each(files, k, batch_size, None, False)) as each:
-        for i, _, row in each:
-            if isinstance(row, MixerError):
-                bad.append(i)
-            else:
-                top.append([c for c, _, _ in row])
-            if (i + 1) % (16 * batch_size) == 0:
-                console.progress(f"{i + 1}/{len(files)} images")
+    top, bad, done = np.zeros((len(files), k), np.int64), [], 0
+    for good, x, failed in preprocessed_batches(model, files, batch_size):
+        bad += failed
+        if good:
+            logits = model(x).astype(np.float64)
+            if not np.isfinite(logits).all():
+                raise MixerError(f"{model!r} produced non-finite outputs: its weights are damaged")
+            top[good] = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        done, before = done + len(good) + len(failed), done
+        if done // (16 * batch_size) > before // (16 * batch_size):  # every 16 batches
+            console.progress(f"{done}/{len(files)} images")
     if bad:
         shown = "; ".join(files[i] for i in bad[:3])
         console.say(f"skipped {len(bad)} unreadable file{'s' * (len(bad) > 1)} ({shown}"
@@ -2213,7 +2338,7 @@ def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -
     good = np.setdiff1d(np.arange(len(files)), bad)
     if not len(good):
         raise MixerError("no image could be decoded")
-    top, truth = np.array(top, np.int64), truth[good]
+    top, truth = top[good], truth[good]
     hit1, hitk = top[:, 0] == truth, (top == truth[:, None]).any(axis=1)
     classes = sorted(set(truth.tolist()) | set(top[:, 0].tolist()))
     row = {c: j for j, c in enumerate(classes)}
@@ -2236,7 +2361,9 @@ def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -
     return EvalResult(run_dir, report, confusion, classes)
 
 
-def _write_eval(result: EvalResult, labels) -> None:
+def _write_eval(result: EvalResult, labels) -> bool:
+    """Writes confusion.png (-> False without matplotlib), then eval.json: the file that makes
+    the run saved (RunDir.release)."""
     matrix, names, note = result.confusion, [labels[c] for c in result.classes], ""
     if len(names) > CONFUSION_MAX:
         # the classes with the most errors, as true or as predicted class, in class order
@@ -2244,52 +2371,15 @@ def _write_eval(result: EvalResult, labels) -> None:
         keep = np.sort(np.argsort(-errors, kind="stable")[:CONFUSION_MAX])
         matrix, names = matrix[np.ix_(keep, keep)], [names[j] for j in keep]
         note = f" (the {CONFUSION_MAX} most confused of {len(result.classes)} classes)"
-    image, _ = draw_confusion(matrix, names, f"top-1 {result.report['top1']:.1%}{note}")
-    with mixer.atomic_write(os.path.join(result.run_dir, CONFUSION_PNG)) as f:
-        image.save(f, format="PNG")
+    figure = draw_confusion(matrix, names, f"top-1 {result.report['top1']:.1%}{note}")
+    if figure is not None:
+        save_figure(figure, os.path.join(result.run_dir, CONFUSION_PNG))
     with mixer.atomic_write(os.path.join(result.run_dir, EVAL_JSON)) as f:
         f.write((json.dumps(result.report, allow_nan=False) + "\n").encode("utf-8"))
+    return figure is not None
 
 
-def heat(share: float) -> tuple[int, int, int]:
-    """The colour of a row-normalised count in [0, 1]: white to HEAT."""
-    return tuple(round(255 + share * (c - 255)) for c in HEAT)
-
-
-def draw_confusion(matrix: np.ndarray, names: list[str], title: str):
-    """-> (PIL image, (left, top, cell)): the confusion matrix as a grid of cells coloured by
-    row-normalised counts (heat), true classes down the left, predicted ones along the top;
-    cell (i, j) covers x in [left + j*cell, left + (j+1)*cell), y likewise from top."""
-    Image, _ = mixer._import_pil()
-    from PIL import ImageDraw, ImageFont
-    font = ImageFont.load_default()
-    names = [mixer.printable(x if len(x) <= NAME_CHARS else x[:NAME_CHARS - 1] + "…")
-             for x in names]
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text = math.ceil(max(measure.textlength(x, font=font) for x in names + ["true \\ predicted"]))
-    n, line = len(names), CELL
-    left, top = MARGIN + text + 4, MARGIN + 2 * line + text + 4
-    width = max(left + n * CELL, MARGIN + math.ceil(measure.textlength(title, font=font))) + MARGIN
-    image = Image.new("RGB", (width, top + n * CELL + MARGIN), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((MARGIN, MARGIN), title, fill="black", font=font)
-    draw.text((MARGIN, MARGIN + line), "rows: true class, columns: predicted", fill="black",
-              font=font)
-    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    for i, name in enumerate(names):
-        y = top + i * CELL
-        draw.text((left - 4, y + CELL // 2), name, fill="black", font=font, anchor="rm")
-        for j in range(n):
-            x = left + j * CELL
-            draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=heat(float(shares[i, j])))
-        # the column's name, written upwards above it
-        label = Image.new("RGB", (text, CELL), "white")
-        ImageDraw.Draw(label).text((0, CELL // 2), name, fill="black", font=font, anchor="lm")
-        image.paste(label.rotate(90, expand=True), (left + i * CELL, top - 4 - text))
-    return image, (left, top, CELL)
-
-
-def _print_summary(result: EvalResult, labels) -> None:
+def _print_summary(result: EvalResult, drawn: bool) -> None:
     r = result.report
     k = r["top_k"]
     print(f"{r['images']} images, {len(r['per_class'])} classes: top-1 {r['top1']:.2%}, "
@@ -2299,8 +2389,8 @@ def _print_summary(result: EvalResult, labels) -> None:
     for c in worst:
         print(f"  {c['top1']:7.2%}  {c['correct']}/{c['images']}  "
               f"{mixer.printable(c['label'])}")
-    print(f"wrote {mixer.printable(os.path.join(result.run_dir, EVAL_JSON))} and "
-          f"{CONFUSION_PNG}")
+    print(f"wrote {mixer.printable(os.path.join(result.run_dir, EVAL_JSON))}"
+          + (f" and {CONFUSION_PNG}" if drawn else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -2308,6 +2398,7 @@ def _print_summary(result: EvalResult, labels) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's options (a bad one is one line: mixer.ArgumentParser)."""
     parser = mixer.ArgumentParser(
         prog="train", description="Fine-tune an MLP-Mixer on DATA_DIR/train/<class>/<image> "
         "(recipe of the paper: momentum SGD, clipping, warmup + cosine).")
@@ -2361,7 +2452,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-budget", type=float, metavar="GIB",
                      help="memory a process may use, for choosing the micro-batch (default: an "
                           "Apple GPU's recommended working set, a CUDA GPU's free memory, else "
-                          f"{CPU_MEMORY_SHARE:.0%} of available RAM)")
+                          f"{CPU_MEMORY_SHARE * 100:.0f}%% of available RAM)")
     run.add_argument("--workers", type=int, help="image decoding threads (default: cores, <= 8)")
     run.add_argument("--decode-cache-mib", type=int, metavar="MIB",
                      help="memory for decoded images kept between epochs, per process "
@@ -2389,6 +2480,7 @@ def _eval_only(args) -> int:
 
 
 def main(argv=None) -> int:
+    """The command line: train, --linear-probe or --eval-only; the exit status."""
     options = vars(build_parser().parse_args(argv))
     probe = {k: options.pop(k) for k in ("linear_probe", "l2", "shots")}
     eval_only = options.pop("eval_only")

@@ -87,27 +87,31 @@ def test_scores_match_image_by_image_classify(setup):
     assert [e["index"] for e in report["per_class"]] == [0, 1, 2, 3]
     assert sorted(os.listdir(root / "run")) == ["confusion.png", "eval.json"]  # no lock left
     with Image.open(root / "run" / "confusion.png") as im:
-        image, (left, top, cell) = train.draw_confusion(matrix, [LABELS[c] for c in classes],
-                                                        "")
-        assert im.mode == "RGB" and im.width >= left + len(classes) * cell
-        assert im.height == top + len(classes) * cell + train.MARGIN == image.height
+        figure = train.draw_confusion(matrix, [LABELS[c] for c in classes], "")
+        assert im.format == "PNG" and im.size == tuple(round(v * 100)
+                                                       for v in figure.get_size_inches())
 
 
-def test_picture_cells_are_row_normalised_counts():
+def test_picture_cells_are_row_normalised_counts(tmp_path):
+    """The cells are coloured by their share of their row: full, three quarters, a quarter and
+    none of the colour map's range, which gets darker with the share."""
     matrix = np.array([[3, 1], [0, 2]])
-    image, (left, top, cell) = train.draw_confusion(matrix, ["cat", "dog"], "title")
-    white, full = (255, 255, 255), train.HEAT
-    quarter = tuple(round(255 - 0.25 * (255 - c)) for c in full)
-    three_quarters = tuple(round(255 - 0.75 * (255 - c)) for c in full)
-    for (i, j), colour in {(0, 0): three_quarters, (0, 1): quarter, (1, 0): white,
-                           (1, 1): full}.items():
-        for dx, dy in ((1, 1), (cell // 2, cell // 2), (cell - 2, cell - 2)):
-            assert image.getpixel((left + j * cell + dx, top + i * cell + dy)) == colour
-    assert image.size == (image.width, top + 2 * cell + train.MARGIN)
-    # the names are written: dark pixels left of the rows and above the columns
-    pixels = np.asarray(image)
-    assert (pixels[top:top + 2 * cell, :left].min(axis=2) < 128).any()
-    assert (pixels[:top, left:left + 2 * cell].min(axis=2) < 128).any()
+    figure = train.draw_confusion(matrix, ["cat", "dog$x$"], "title")
+    axes = figure.axes[0]
+    np.testing.assert_allclose(axes.images[0].get_array(), [[0.75, 0.25], [0.0, 1.0]])
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["cat", "dog$x$"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["cat", "dog$x$"]
+    train.save_figure(figure, str(tmp_path / "c.png"))
+    pixels = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    height = pixels.shape[0]
+
+    def cell(i, j):  # the pixel at the centre of cell (row i, column j)
+        x, y = axes.transData.transform((j, i))
+        return pixels[height - int(round(y)), int(round(x))]
+
+    darkness = {ij: 765 - cell(*ij).sum() for ij in ((0, 0), (0, 1), (1, 0), (1, 1))}
+    assert darkness[(1, 0)] < 30  # 0: white
+    assert darkness[(1, 0)] < darkness[(0, 1)] < darkness[(0, 0)] < darkness[(1, 1)], darkness
 
 
 def test_wordnet_id_list():

@@ -1,5 +1,6 @@
 """The pictures: --show-weights (the paper's Figure 5) and train.py's curves.png. The pixels are
-checked against the weights they draw, with the colour map computed here independently."""
+checked against the weights and the records they draw, with the colour map computed here
+independently."""
 
 import json
 import math
@@ -155,28 +156,26 @@ def records(steps=200, every=50):
     return out
 
 
-def write(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+def rgb(hex_colour):
+    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
 
 
-def colour_count(png, rgb):
+def colour_mask(png, hex_colour):
     pixels = np.asarray(Image.open(png).convert("RGB"))
-    return int((pixels == rgb).all(axis=-1).sum())
+    return (pixels == rgb(hex_colour)).all(axis=-1)
 
 
 @pytest.mark.parametrize("kind", ["with val", "without val", "empty"])
 def test_curves_are_drawn(tmp_path, kind):
-    metrics = tmp_path / "metrics.jsonl"
     recs = records()
     if kind == "without val":
         recs = [{k: v for k, v in r.items() if k != "val_top1"} for r in recs]
-    write(metrics, [] if kind == "empty" else recs)
     png = tmp_path / "curves.png"
-    train._draw_curves(str(metrics), str(png))
+    train.save_figure(train.draw_curves([] if kind == "empty" else recs), str(png))
     image = Image.open(png)
-    assert image.format == "PNG" and image.size == train.CURVES_SIZE
-    colours = train.CURVES_COLOURS
-    lines = {name: colour_count(png, colours[name]) for name in ("loss", "lr", "val")}
+    assert image.format == "PNG" and image.size == (640, 400)
+    lines = {name: int(colour_mask(png, colour).sum())
+             for name, colour in train.CURVES_COLOURS.items()}
     # a curve is many pixels of its colour; a label alone is a few dozen (anti-aliased text)
     assert (lines["loss"] > 300) == (kind != "empty"), lines
     assert (lines["lr"] > 300) == (kind != "empty"), lines
@@ -186,26 +185,43 @@ def test_curves_are_drawn(tmp_path, kind):
 def test_the_loss_curve_is_where_its_values_are(tmp_path):
     """The loss falls linearly from 2.9 to 1.0 over the steps: its pixels, left to right in the
     top panel, go down, from near the panel's top to near its bottom."""
-    metrics, png = tmp_path / "metrics.jsonl", tmp_path / "curves.png"
-    write(metrics, [{k: v for k, v in r.items() if k != "lr"} | {"lr": 0.01} for r in records()])
-    train._draw_curves(str(metrics), str(png))
-    pixels = np.asarray(Image.open(png).convert("RGB"))
-    x0, y0, x1, y1 = train.CURVES_PANELS[0]
-    mask = (pixels[y0:y1, x0:x1] == train.CURVES_COLOURS["loss"]).all(axis=-1)
+    figure = train.draw_curves([r | {"lr": 0.01} for r in records()])
+    png = tmp_path / "curves.png"
+    train.save_figure(figure, str(png))
+    box = figure.axes[0].get_window_extent()  # the loss panel, in pixels from the bottom left
+    x0, x1 = int(box.x0), int(box.x1)
+    y0, y1 = int(400 - box.y1), int(400 - box.y0)
+    mask = colour_mask(png, train.CURVES_COLOURS["loss"])[y0:y1, x0:x1]
     ys, xs = np.nonzero(mask)
     left, right = ys[xs < (x1 - x0) * 0.2].mean(), ys[xs > (x1 - x0) * 0.8].mean()
     assert left < 0.2 * (y1 - y0) and right > 0.8 * (y1 - y0), (left, right)
 
 
-def test_curves_pass_over_damaged_lines_and_refuse_a_folder(tmp_path):
+@pytest.mark.parametrize("tail, line", [(b'{"step": 10, "lr": 0.1, "loss": NaN}\n', 2),
+                                        (b"not json\n", 2), (b"\xff\n", 2), (b"[1]\n", 2),
+                                        (json.dumps(records()[0]).encode() + b"\n", 2),
+                                        (b'{"step": 30, "lr": 0.1, "loss": 1.0}', 2)])
+def test_metrics_that_are_not_records_are_refused(tmp_path, tail, line):
+    """A damaged line (not JSON, not UTF-8, a NaN, a step not above the one before, no newline)
+    is named, not passed over: curves.png is then not redrawn, and --resume refuses the run."""
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_bytes(b'{"step": 10, "lr": 0.1, "loss": NaN}\nnot json\n\xff\n'
-                        + json.dumps(records()[0]).encode() + b"\n[1]\n")
-    train._draw_curves(str(metrics), str(tmp_path / "curves.png"))
-    assert Image.open(tmp_path / "curves.png").size == train.CURVES_SIZE
+    metrics.write_bytes(json.dumps(records()[0]).encode() + b"\n" + tail)
+    with pytest.raises(mixer.MixerError, match=f"metrics.jsonl: line {line} is not a metrics "
+                                               f"record .expected a JSON object with a step "
+                                               f"above 10"):
+        train.read_metrics(str(metrics))
+    metrics.write_bytes(json.dumps(records()[0]).encode() + b"\n")
+    assert train.read_metrics(str(metrics)) == records()[:1]
+
+
+def test_a_picture_is_written_atomically_or_refused(tmp_path):
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(mixer.MixerError):
-        train._draw_curves(str(metrics), str(tmp_path / "folder.png"))
-    said = []
-    train._refresh_curves(str(metrics), str(tmp_path / "folder.png"), said.append)
-    assert len(said) == 1 and said[0].startswith("curves.png not refreshed: ")
+        train.save_figure(train.draw_curves(records()), str(tmp_path / "folder.png"))
+    assert os.listdir(tmp_path) == ["folder.png"]  # no temporary file left
+
+
+def test_without_matplotlib_nothing_is_drawn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import raises ImportError
+    assert train.draw_curves(records()) is None
+    assert train.draw_confusion(np.eye(2), ["a", "b"], "") is None

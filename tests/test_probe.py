@@ -5,6 +5,7 @@ refusals."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -155,3 +156,79 @@ def test_training_run_dir_is_not_taken(setup, tmp_path):
     (out / train.STATE_FILE).write_bytes(b"")  # a training run's: its best is not overwritten
     with pytest.raises(mixer.MixerError, match="already holds a run"):
         train.linear_probe(data, weights, out=str(out), quiet=True)
+
+
+def _val_accuracy(weights, data):
+    model = mixer.load(weights, backend="numpy")
+    files = [os.path.join(data, "val", c, f) for c in CLASSES
+             for f in sorted(os.listdir(os.path.join(data, "val", c)))]
+    truth = [c for c in CLASSES for _ in os.listdir(os.path.join(data, "val", c))]
+    return np.mean([top[0][1] == t for top, t in zip(model.classify(files, top_k=1), truth)])
+
+
+def test_the_feature_cache_follows_the_files(setup, tmp_path, monkeypatch):
+    """The cache was keyed by names and labels only: val/ rewritten in place (same names, other
+    pixels) was 'features read', a val top-1 of the old images and a head that scored 0 on the
+    new ones. Now a rewritten file, a file renamed over another or other weights (same path)
+    extract again, and the reported top-1 is best.safetensors' on the images as they are."""
+    root, data, weights = setup
+    data = shutil.copytree(data, tmp_path / "data")
+    weights = shutil.copy(weights, tmp_path / "w.safetensors")
+    calls = []
+    extract = train.extract_features
+    monkeypatch.setattr(train, "extract_features",
+                        lambda *a, **k: calls.append(a[4]) or extract(*a, **k))
+    out = str(tmp_path / "run")
+
+    def probe():
+        result = train.linear_probe(str(data), weights, out=out, quiet=True)
+        assert result.val_top1[0] == pytest.approx(
+            _val_accuracy(os.path.join(out, "best.safetensors"), data), abs=1e-9)
+        return result
+
+    probe()
+    assert calls == ["train", "val"]
+    probe()
+    assert calls == ["train", "val"]  # nothing changed: read back
+    # every val image rewritten in place with the pixels of the next class's image
+    val = data / "val"
+    pixels = {c: {f: (val / c / f).read_bytes() for f in sorted(os.listdir(val / c))}
+              for c in CLASSES}
+    for c, other in zip(CLASSES, CLASSES[1:] + CLASSES[:1]):
+        for (name, _), (_, content) in zip(pixels[c].items(), pixels[other].items()):
+            with open(val / c / name, "r+b") as f:  # same inode, same name
+                f.truncate(0)
+                f.write(content)
+    assert probe().val_top1[0] < 0.5 and calls == ["train", "val"] * 2
+    # a file renamed over another one's name
+    first, second = sorted(os.listdir(data / "train" / "red"))[:2]
+    os.replace(data / "train" / "red" / second, data / "train" / "red" / first)
+    shutil.copy(data / "train" / "blue" / first, data / "train" / "red" / second)
+    probe()
+    assert calls == ["train", "val"] * 3
+    # other weights at the same path
+    config = mixer.MixerConfig(**SMALL, num_classes=7, image_size=32)
+    mixer.init(config, seed=1).save(weights)
+    probe()
+    assert calls == ["train", "val"] * 4
+
+
+def test_a_quantised_backbone_stays_quantised(setup, tmp_path):
+    """The probe of an int4 file wrote a float32 backbone, 5.4x the file: it is int4 again,
+    with the file's group size, and the backbone's stored tensors are the file's bit for bit."""
+    root, data, weights = setup
+    q4 = str(tmp_path / "w4.safetensors")
+    mixer.load(weights, backend="numpy").save(q4, dtype="int4", group_size=32)
+    result = train.linear_probe(data, q4, out=str(tmp_path / "run"), quiet=True)
+    best = os.path.join(result.run_dir, "best.safetensors")
+    assert os.path.getsize(best) < 1.2 * os.path.getsize(q4)
+    assert mixer.load(best, backend="numpy").quantization == {"bits": 4, "group_size": 32}
+    before, _ = mixer.read_safetensors(q4)
+    after, _ = mixer.read_safetensors(best)
+    assert set(before) == set(after)
+    for k in before:
+        if not k.startswith("head/"):
+            assert before[k].tobytes() == after[k].tobytes(), k
+    # the head is stored in float16 (a quantised file's small head): predictions within a
+    # rounding of the fit's, here the same
+    assert result.val_top1[0] == pytest.approx(_val_accuracy(best, data), abs=1e-9)

@@ -268,8 +268,9 @@ def test_run_dir_outputs(finetuned, dataset):
                                                   "state.safetensors", "train.lock"]
     # curves.png, redrawn at the last evaluation, shows the validation top-1 curve
     curves = Image.open(os.path.join(result.run_dir, "curves.png"))
-    assert curves.format == "PNG" and curves.size == train.CURVES_SIZE
-    val_colour = np.asarray(curves.convert("RGB")) == train.CURVES_COLOURS["val"]
+    assert curves.format == "PNG" and curves.size == (640, 400)
+    val = train.CURVES_COLOURS["val"]
+    val_colour = np.asarray(curves.convert("RGB")) == [int(val[i:i + 2], 16) for i in (1, 3, 5)]
     assert val_colour.all(axis=-1).sum() > 100
     records = read_metrics(result.run_dir)
     assert [r["step"] for r in records] == list(range(5, 41, 5))
@@ -345,7 +346,7 @@ def test_resume_equals_uninterrupted(backend, dataset, tmp_path):
     assert f"--resume {tmp_path / 'part'}" in log
     assert [r["step"] for r in read_metrics(tmp_path / "part")] == [2, 4, 5, 6]
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # logged after the last save
-        f.write(json.dumps({"step": 8, "loss": 0}) + "\n")
+        f.write(json.dumps({"step": 8, "lr": 0.1, "loss": 0.0}) + "\n")
     resumed, log = run(backend, resume=str(tmp_path / "part"))
     assert "resuming at step 7 of 16" in log
     assert resumed.step == 16 and not resumed.interrupted

@@ -8,6 +8,7 @@ a second; only the signal cases start a real process, since what they test is a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -25,7 +26,7 @@ import pytest
 import mixer
 import train
 from conftest import REPO
-from test_train import SMALL, make_dataset
+from test_train import CLASSES, SMALL, make_dataset
 
 TINY = [*(f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()), "--image-size", "16",
         "--batch-size", "4", "--backend", "mlx"]
@@ -72,7 +73,7 @@ def test_default_run_dirs_started_in_the_same_second_differ(data, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train.time, "strftime", lambda *args: "20250101-120000")
     os.makedirs("runs/20250101-120000")  # made by another run in the same second
-    first = train._RunDir.claim_new(None)  # a run that is still going
+    first = train.RunDir.claim_new(None)  # a run that is still going
     try:
         code, err = cli(capsys, data, *TINY, "--steps", "1", "--val-fraction", "0")
         assert code == 0, err
@@ -96,7 +97,7 @@ def test_a_live_run_directory_is_refused(data, tmp_path, capsys):
                     "--log-every", "1")
     assert code == 0, err
     before = snapshot(out)
-    live = train._RunDir.claim_existing(out)
+    live = train.RunDir.claim_existing(out)
     try:
         for argv in ([data, *TINY, "--steps", "2", "--out", out], ["--resume", out]):
             code, err = cli(capsys, *argv)
@@ -256,9 +257,16 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("case", list(DAMAGE) + ["truncated state", "partial metrics line",
-                                                 "binary metrics", "metrics not a record",
-                                                 "metrics a folder"])
+RECORD = b'{"step": %d, "lr": 0.1, "loss": 1.0%s}\n'
+METRICS_DAMAGE = {"partial metrics line": b'{"step": 2, "lo', "binary metrics": b"\x00\xff\x89PNG\n",
+                  "metrics not a record": b"[2, 0.5]\n", "metrics step repeated": RECORD % (1, b""),
+                  "metrics step negative": RECORD % (-5, b""),
+                  "metrics line of 20 MB": RECORD % (2, b', "x": "' + b"x" * 20_000_000 + b'"'),
+                  "metrics loss NaN": RECORD.replace(b"1.0", b"NaN") % (2, b"")}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE) + ["truncated state", "metrics a folder",
+                                                 *METRICS_DAMAGE])
 def test_resume_of_a_damaged_run_exit_2(stopped_run, tmp_path, capsys, case):
     run = str(tmp_path / "run")
     shutil.copytree(stopped_run, run)
@@ -271,10 +279,8 @@ def test_resume_of_a_damaged_run_exit_2(stopped_run, tmp_path, capsys, case):
         os.remove(metrics)
         os.mkdir(metrics)
     else:
-        tail = {"partial metrics line": b'{"step": 2, "lo', "binary metrics": b"\x00\xff\x89PNG\n",
-                "metrics not a record": b"[2, 0.5]\n"}[case]
-        with open(metrics, "ab") as f:
-            f.write(tail)
+        with open(metrics, "ab") as f:  # after the run's own record of step 1
+            f.write(METRICS_DAMAGE[case])
     before = snapshot(run)
     code, err = cli(capsys, "--resume", run)
     assert_refused(code, err, "the run directory is damaged")
@@ -596,3 +602,106 @@ def test_dataset_names_are_escaped(tmp_path, capsys):
     assert code == 0, err
     assert any("bad\\x1b[2J.png" in line for line in err), err
     assert not any("\x1b" in line for line in err), err
+
+
+@pytest.mark.parametrize("program", ["mixer.py", "convert.py", "train.py", "bench.py",
+                                     os.path.join("examples", "shapes.py")])
+def test_every_help_runs(program):
+    """train.py's --help crashed (TypeError: %o format) on a '%' in the --memory-budget help."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, program), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout and done.stderr == "", done.stderr
+    if program == "train.py":
+        assert "25% of available RAM" in " ".join(done.stdout.split())
+
+
+@pytest.mark.parametrize("value", ["1e300", "1e308", "inf"])  # nan, 0, -1: above
+def test_memory_budget_out_of_range_exit_2(data, tmp_path, capsys, value):
+    """--memory-budget 1e300 was 'internal error: OverflowError' (bytes as an int)."""
+    code, err = cli(capsys, data, *TINY, "--steps", "1", "--memory-budget", value,
+                    "--out", tmp_path / "r")
+    assert_refused(code, err, f"--memory-budget must be")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_deep_out_folder(data, tmp_path, capsys):
+    """--out 1500 missing folders deep was 'internal error: RecursionError' (os.makedirs
+    recurses once per missing folder): the folders are made one by one."""
+    out = os.path.join(tmp_path, *["d"] * 1500, "run")
+    try:
+        code, err = cli(capsys, data, *TINY, "--steps", "1", "--out", out)
+        assert code == 0, err[-1:]
+        assert os.path.isfile(os.path.join(out, "last.safetensors"))
+    finally:  # shutil.rmtree (and pytest's clean-up) would recurse too
+        shutil.rmtree(out, ignore_errors=True)
+        for depth in range(1500, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(os.path.join(tmp_path, *["d"] * depth))
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs, filled to the last byte. Mounting needs root: CI runs as root, so it
+    never skips there."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError,
+                                                                         match="No space"):
+            while True:
+                f.write(b"\0" * 4096)
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("mode", ["train", "--linear-probe", "--eval-only"])
+def test_a_full_disk_leaves_no_run_folder(data, tmp_path, capsys, full_disk, mode):
+    """With 0 bytes free the error was right, but the new run folder stayed, holding an empty
+    train.lock (the lock's pid could not be written)."""
+    weights = str(tmp_path / "w.safetensors")
+    config = mixer.MixerConfig(**SMALL, num_classes=4, image_size=16)
+    mixer.Mixer(config, mixer.init_params(config), backend="numpy", labels=CLASSES).save(weights)
+    argv = {"train": [*TINY, "--steps", "1"], "--linear-probe": ["--weights", weights, mode],
+            "--eval-only": ["--weights", weights, mode]}[mode]
+    code, err = cli(capsys, data, *argv, "--out", full_disk / "run")
+    assert_refused(code, err, "No space left on device")
+    assert os.listdir(full_disk) == ["filler"]
+
+
+def test_without_matplotlib_runs_say_so_once(data, tmp_path, capsys, monkeypatch):
+    """matplotlib is optional: a run and an evaluation without it succeed, with one line each
+    that says what is not drawn and how to get it."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # its import raises ImportError
+    out = tmp_path / "run"
+    code, err = cli(capsys, data, *TINY, "--steps", "4", "--eval-every", "2", "--out", out)
+    assert code == 0, err
+    note = [line for line in err if "is not installed" in line]
+    assert note == ['train: matplotlib is not installed: no curves.png (pip install '
+                    '"mlp-mixer-edge[plots]" draws it)'], err
+    assert "curves.png" not in os.listdir(out)
+    code, err = cli(capsys, data, "--weights", out / "last.safetensors", "--eval-only", "--out",
+                    tmp_path / "eval")
+    assert code == 0, err
+    assert [line for line in err if "is not installed" in line] == [note[0].replace("curves",
+                                                                              "confusion")]
+    assert os.listdir(tmp_path / "eval") == ["eval.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--steps", "1", "--epochs", "2"], "argument --epochs: not allowed with argument --steps"),
+    (["--variant", "Z/9"], "argument --variant: invalid choice: 'Z/9'"),
+    (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_argument_errors_are_one_line(tmp_path, argv, message):
+    """Every parser error, the argument groups' and the exclusive --steps/--epochs included:
+    one line, exit 2, no usage block."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "DATA", *argv],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.startswith(f"train: error: {message}") and done.stderr.count("\n") == 1

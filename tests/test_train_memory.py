@@ -281,3 +281,30 @@ def test_a_damaged_loss_scale_is_refused(dataset, tmp_path, scale):
     mixer.write_safetensors(path, tensors, {**metadata, "train.state": json.dumps(info)})
     with pytest.raises(mixer.MixerError, match="the state's loss_scale is .*damaged"):
         train.train(resume=part.run_dir, quiet=True)
+
+
+def test_float16_that_cannot_take_a_step_stops_the_run(dataset, tmp_path, capsys):
+    """A model whose float16 forward overflows at every step (a stem of 1e5: 65504 is float16's
+    largest) skipped every step, halving the loss scale to 3e-5, then said 'done' with status 0
+    and a best.safetensors that was the untouched start. The run stops once the scale is below
+    LOSS_SCALE_MIN, with one line that says why and what to do, and leaves no folder."""
+    config = mixer.MixerConfig(**SMALL, num_classes=4, image_size=32)
+    params = mixer.init_params(config, seed=0)
+    params["stem/kernel"] = np.full_like(params["stem/kernel"], 1e5)
+    weights = str(tmp_path / "huge.safetensors")
+    mixer.Mixer(config, params, backend="numpy").save(weights)
+    out = tmp_path / "run"
+    code = train.main([str(dataset), "--weights", weights, "--dtype", "float16", "--steps",
+                       "40", "--batch-size", "4", "--backend", "mlx", "--decode-cache-mib", "0",
+                       "--eval-every", "100", "--out", str(out)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2, err
+    assert err[-1].startswith("train: error: float16 cannot train this model: at step 16 its "
+                              "gradient still overflowed with the loss scale down to 0.5"), err
+    assert "--dtype bfloat16" in err[-1]
+    skipped = [line for line in err if "step skipped" in line]
+    assert len(skipped) == 15 and skipped[-1].endswith("loss scale now 1"), skipped
+    assert not out.exists()
+    # the same weights train in float32: the refusal is float16's range, not the model
+    assert train.train(data_dir=dataset, weights=weights, steps=2, batch_size=4, backend="mlx",
+                       out=str(tmp_path / "f32"), quiet=True).step == 2
