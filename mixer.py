@@ -2449,7 +2449,7 @@ def file_signature(file) -> tuple:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Picture:
     """An image decoded once, to be cropped as often as wanted (training crops; preprocess
     decodes and crops once, the same way, without the copy into `pixels`)."""

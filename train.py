@@ -599,8 +599,8 @@ def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
             + f" = {batch_size} per step ({how}): ~{mixer.format_gib(peak)} estimated of a "
               f"{mixer.format_gib(budget)} budget ({source})")
     if peak > budget:
-        line += (f"; WARNING: more than the budget, a smaller micro-batch (leave out "
-                 f"--accum-steps) would fit")
+        line += ("; WARNING: more than the budget, a smaller micro-batch (leave out "
+                 "--accum-steps) would fit")
     return micro, accum, line
 
 
@@ -1124,14 +1124,14 @@ def load_state(run_dir: str):
 
 def _digest(data_dir: str, split: Split, signatures: bool = False) -> str:
     """What identifies a split: its files' names and labels (the data order of a resumed run),
-    and with `signatures` each file's version too (_signature: size, times, inode)."""
+    and with `signatures` each file's version too (mixer.file_signature: size, times, inode)."""
     h = hashlib.sha256()
     for f, y in zip(split.files, split.labels):
         # fsencode: a file name that is not valid UTF-8 comes back to its bytes
         h.update(os.fsencode(os.path.relpath(f, data_dir)) + f"\t{y}".encode())
         if signatures:
             try:
-                h.update(f"\t{_signature(os.stat(f))}".encode())
+                h.update(f"\t{mixer.file_signature(f)}".encode())
             except OSError:  # gone since the scan: the extraction will say it cannot read it
                 h.update(b"\tgone")
         h.update(b"\n")
