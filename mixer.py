@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import stat
 import sys
 import threading
@@ -66,6 +67,11 @@ class MixerError(Exception):
     """A user-facing problem (bad file, image or argument); the message says what to do."""
 
 
+def _is_int(value) -> bool:
+    """Whether value is an int or a numpy integer, not a bool (nor a float that equals an int)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 # --------------------------------------------------------------------------------------------
 # Config and variants (paper Table 1), with the official code's field names.
 
@@ -83,11 +89,13 @@ class MixerConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if (not isinstance(value, int) or isinstance(value, bool) or value < 1) \
-                    and not (field.name == "num_classes" and value is None):
+            if field.name == "num_classes" and value is None:
+                continue
+            if not _is_int(value) or value < 1:
                 raise MixerError(f"MixerConfig.{field.name} must be a positive int"
                                  f"{' or None' if field.name == 'num_classes' else ''}, "
                                  f"got {value!r}")
+            object.__setattr__(self, field.name, int(value))  # numpy integers as ints (JSON)
         if self.image_size % self.patch_size:
             raise MixerError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
@@ -245,7 +253,7 @@ def _check_tensors(what: str, expected: dict, shapes: dict, dtypes: dict | None 
 
 def positive_int(value, what: str) -> int:
     """value as an int >= 1 (numpy integers too; bools, floats and strings refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not _is_int(value) or value < 1:
         raise MixerError(f"{what} must be a positive int, got {value!r}")
     return int(value)
 
@@ -544,7 +552,6 @@ def _mlx_float32_exact(device: str) -> bool:
 class TinygradOps(_Ops):
     """tinygrad on the device DEV selects (CUDA, NV, AMD, METAL, CL, CPU); differentiable."""
     name = "tinygrad"
-    lock = BACKEND_LOCKS["tinygrad"]
     transpose = staticmethod(lambda a, axes: a.permute(axes))
 
     def __init__(self, dtype: str = "float32"):
@@ -555,6 +562,23 @@ class TinygradOps(_Ops):
         if dtype != "float32" and not self._device_computes(self._dtype):
             raise MixerError(f"tinygrad's {self.tg.Device.DEFAULT} device cannot compute in "
                              f"{dtype} here: use another dtype (float32 always works) or device")
+
+    @property
+    @contextlib.contextmanager
+    def lock(self):
+        """BACKEND_LOCKS["tinygrad"], with tinygrad's on-disk kernel cache left out while this
+        thread holds it if the cache's sqlite connection (one per process, opened at first use)
+        belongs to another thread: sqlite refuses it there (ProgrammingError)."""
+        with BACKEND_LOCKS["tinygrad"]:
+            other_thread = False
+            try:
+                db = getattr(self.tg.helpers, "_db_connection", None)
+                if db is not None:
+                    db.cursor().close()
+            except sqlite3.ProgrammingError:
+                other_thread = True
+            with self.tg.Context(CACHELEVEL=0) if other_thread else contextlib.nullcontext():
+                yield
 
     def _open_device(self):
         """Opens the default device once, so that one that cannot work here is one clear error;
@@ -590,7 +614,9 @@ class TinygradOps(_Ops):
                                         renderer.render_dtype(dtype)):
             return False
         try:
-            return self.tg.Tensor([1.5, -2.0]).cast(dtype).realize().float().tolist() == [1.5, -2.0]
+            with self.lock:
+                stored = self.tg.Tensor([1.5, -2.0]).cast(dtype).realize()
+                return stored.float().tolist() == [1.5, -2.0]
         except Exception:  # noqa: BLE001 -- the device's compiler rejects the kernel
             return False
 
@@ -603,6 +629,8 @@ class TinygradOps(_Ops):
         return self.tg.Tensor(np.array(a)).realize()
 
     def numpy(self, a):
+        if isinstance(a, np.ndarray):  # compile's results, read out already
+            return a
         with self.lock:
             return (a if a.dtype == self.tg.dtypes.uint32 else a.float()).numpy()
 
@@ -639,13 +667,15 @@ class TinygradOps(_Ops):
         return self.tg.Device.DEFAULT
 
     def compile(self, fn):
-        jits = {}  # TinyJit replays captured kernels: one per input shape
+        # TinyJit replays captured kernels: one per input shape. A replay writes into the same
+        # output buffer as the last one, so the result is read out before the lock is let go.
+        jits = {}
 
         def run(params, x):
             with self.lock:
                 if x.shape not in jits:
                     jits[x.shape] = self.tg.TinyJit(lambda p, t: fn(p, t).realize())
-                return jits[x.shape](params, x.realize())
+                return self.numpy(jits[x.shape](params, x.realize()))
         return run
 
 
@@ -867,13 +897,19 @@ def data_parallel(fn, min_rows: int):
     """numpy's compiled fn(params, x): large batches split across one Python thread per BLAS
     thread, from `min_rows` token rows per thread (below it, every thread reading every weight
     costs what the threads gain)."""
+    def quiet(params, x):
+        # outputs that overflow are the caller's to report (classify names the image), not
+        # numpy's RuntimeWarnings on stderr; errstate is per thread
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return fn(params, x)
+
     def run(params, x):
         blas, p = openblas(), kernel_shape(params["stem/kernel"])[0]
         rows = x.shape[0] * (x.shape[1] // p) * (x.shape[2] // p)
         n = _split_count(x.shape[0], rows, blas.threads() if blas else 1, min_rows)
         if n < 2:
-            return fn(params, x)
-        return np.concatenate(blas.map_single_threaded(lambda part: fn(params, part),
+            return quiet(params, x)
+        return np.concatenate(blas.map_single_threaded(lambda part: quiet(params, part),
                                                        np.array_split(x, n)))
     return run
 
@@ -1309,18 +1345,22 @@ def quantization_plan(config: MixerConfig, group_size: int) -> dict[str, str]:
     kernels = sum(math.prod(shapes[k]) for k in plan)
     if "head/kernel" in plan and math.prod(shapes["head/kernel"]) <= HEAD_FLOAT16_SHARE * kernels:
         plan["head/kernel"] = "float16"
+    if all(kind == "float16" for kind in plan.values()):  # a "quantised" model of float16 kernels
+        raise MixerError(f"no kernel of this model has an axis that {group_size} divides, so "
+                         f"none can be quantised in groups of {group_size}: use another group "
+                         f"size ({', '.join(map(str, GROUP_SIZES))}) or keep it in float")
     return plan
 
 
 def check_quantization(dtype, group_size) -> tuple[int, int]:
     """(bits, group size) for a quantised dtype name and group size, or a MixerError."""
-    if dtype not in QUANTIZED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in QUANTIZED_DTYPES:
         raise MixerError(f"unknown quantisation {dtype!r}: expected one of "
                          f"{', '.join(QUANTIZED_DTYPES)}")
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    if not _is_int(group_size) or group_size not in GROUP_SIZES:
         raise MixerError(f"group size {group_size!r} is not supported: expected one of "
                          f"{', '.join(map(str, GROUP_SIZES))} (MLX's)")
-    return QUANTIZED_DTYPES[dtype], group_size
+    return QUANTIZED_DTYPES[dtype], int(group_size)
 
 
 def _stored_shape(shape: tuple, layout: str) -> tuple[int, int]:
@@ -1442,8 +1482,8 @@ def _quantization_metadata(metadata: dict, name: str) -> dict | None:
                          f"bits, group_size, mode \"affine\" and layout (each kernel's "
                          f"{', '.join(QUANTIZED_LAYOUTS)}); the file is damaged or was made by "
                          f"another tool")
-    if q["bits"] not in QUANTIZED_DTYPES.values() or isinstance(q["bits"], bool) \
-            or q["group_size"] not in GROUP_SIZES or isinstance(q["group_size"], bool):
+    if not _is_int(q["bits"]) or q["bits"] not in QUANTIZED_DTYPES.values() \
+            or not _is_int(q["group_size"]) or q["group_size"] not in GROUP_SIZES:
         raise MixerError(f"{name}: quantised with bits={q['bits']!r}, group_size="
                          f"{q['group_size']!r}; this version reads bits 8 or 4 and group sizes "
                          f"{', '.join(map(str, GROUP_SIZES))}")
@@ -1679,18 +1719,25 @@ class Mixer:
                 good = [pixels for _, _, pixels in batch if not isinstance(pixels, MixerError)]
                 tops = iter(self._top_k(np.stack(good), top_k) if good else [])
                 for index, image, pixels in batch:
-                    yield index, image, pixels if isinstance(pixels, MixerError) else next(tops)
+                    top = pixels if isinstance(pixels, MixerError) else next(tops)
+                    if isinstance(top, MixerError) and top is not pixels:  # non-finite outputs
+                        top = MixerError(f"{image_name(image)}: {top}")
+                    yield index, image, top
 
     def _top_k(self, x, top_k: int) -> list:
-        """classify's rows for the batch x."""
-        logits = self(x).astype(np.float64)
-        if not np.isfinite(logits).all():
-            raise MixerError("the model produced non-finite outputs: its weights are damaged "
-                             "or the input is out of range")
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        return [[(int(i), self.labels[i] if self.labels else None, float(row[i]))
-                 for i in np.argsort(-row, kind="stable")[:top_k]] for row in probs]
+        """classify's rows for the batch x; a MixerError in place of an image whose outputs are
+        not finite (no probabilities are made up), so that the others are still classified."""
+        rows = []
+        for row in self(x).astype(np.float64):
+            if not np.isfinite(row).all():
+                rows.append(MixerError("the model produced non-finite outputs: its weights are "
+                                       "damaged or the input is out of range"))
+                continue
+            row = np.exp(row - row.max())
+            row /= row.sum()
+            rows.append([(int(i), self.labels[i] if self.labels else None, float(row[i]))
+                         for i in np.argsort(-row, kind="stable")[:top_k]])
+        return rows
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         """The weights as float32 numpy arrays by official name, in the official layouts: on
@@ -1850,19 +1897,43 @@ def load(path: str, backend: str | None = None, dtype: str = "float32",
         return load_npz(path, backend=backend, dtype=dtype)
     with SafetensorsFile(path) as f:
         metadata, name = f.metadata, f.name
+        version = metadata.get("mixer.format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise MixerError(f"{name}: weights format version {printable(version)!r}; this "
+                             f"mixer.py reads version {FORMAT_VERSION!r}: the file was written "
+                             f"by a newer version (update mixer.py) or by another tool")
         config = _json_metadata(metadata, "mixer.config", name, dict)
         if config is None and f.quantization is not None:
             raise MixerError(f"{name}: a quantised file needs the metadata 'mixer.config' (its "
                              f"tensors' shapes are packed): the file is damaged")
         config = infer_config(f.shapes()) if config is None else MixerConfig.from_dict(config)
+        if 12 * config.num_blocks > len(f.shapes()):  # before listing what the config expects
+            raise MixerError(f"{name}: metadata 'mixer.config' claims {config.num_blocks} "
+                             f"blocks (12 tensors each), the file holds {len(f.shapes())} "
+                             f"tensors: the file is damaged")
         if f.quantization is not None or target is not None:
             f = QuantizedReader(f, config, target)  # checks the shapes, packed ones included
         labels = _json_metadata(metadata, "mixer.labels", name, list)
         if labels is not None and not all(isinstance(label, str) for label in labels):
             raise MixerError(f"{name}: metadata 'mixer.labels' must be a JSON list of strings")
         preprocessing = _json_metadata(metadata, "mixer.preprocessing", name, dict)
+        _check_preprocessing(preprocessing or {}, name)
         return Mixer(config, f, backend=backend, labels=labels, preprocessing=preprocessing,
                      dtype=dtype)
+
+
+def _check_preprocessing(preprocessing: dict, name: str) -> None:
+    """Each entry of a file's 'mixer.preprocessing' is something this code does, or an error:
+    a model must not be run on pixels prepared otherwise than it asks."""
+    for key, value in preprocessing.items():
+        if value not in ("crop", "squash") if key == "resize" else \
+                DEFAULT_PREPROCESSING.get(key, ()) != value:
+            fixed = ", ".join(f"{k} {json.dumps(v)}" for k, v in DEFAULT_PREPROCESSING.items()
+                              if k != "resize")
+            raise MixerError(f"{name}: metadata 'mixer.preprocessing' asks for "
+                             f"{printable(key)} {printable(json.dumps(value))}, which this "
+                             f"version does not do (resize \"crop\" or \"squash\", {fixed}): "
+                             f"the file was written by a newer version or by another tool")
 
 
 def _json_metadata(metadata, key, path, kind):
@@ -2229,16 +2300,18 @@ def pretrained(variant: str, source: str | None = None, backend: str | None = No
                          f"to download {checkpoint} again")
     try:
         with SafetensorsFile(path) as f:  # the header only
-            found_source = f.metadata.get("mixer.source")
+            found_source, found_quantization = f.metadata.get("mixer.source"), f.quantization
         model = load(path, backend=backend, dtype=dtype, quantize=quantize)
     except MixerError as e:
         raise MixerError(f"{e} (a cached download: delete it to fetch it again)") from None
     # refused, not replaced: it may be someone's work, and a download may not be possible
     expected = _expected_config(variant, checkpoint)
-    if model.config != expected or \
+    if model.config != expected or found_quantization is not None or \
             found_source not in (None, checkpoint, os.path.basename(checkpoint)):
         held = _describe(model.config) + (f" converted from {found_source!r}"
                                           if found_source else "")
+        if found_quantization is not None:  # not the released weights: rounded
+            held += f", quantised to int{found_quantization['bits']}"
         raise MixerError(f"{path} holds {held}, not {_describe(expected)} from {checkpoint}: it "
                          f"is not the cached download of Mixer-{variant}; delete it to download "
                          f"{checkpoint} again (or set MIXER_HOME to another folder)")
@@ -2493,7 +2566,7 @@ def _decode(image, max_reduction):
         raise MixerError(f"expected an image file's path or a PIL image, got "
                          f"{type(image).__name__} (a preprocessed array goes straight to the "
                          f"model as a batch (B, H, W, 3))")
-    name = printable(os.fsdecode(image)) if is_path else "image"
+    name = image_name(image)
     try:
         if not is_path:
             return _decode_opened(image, name, max_reduction, None)
@@ -2505,6 +2578,12 @@ def _decode(image, max_reduction):
                          f"read an image this large that you trust)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise MixerError(printable(f"{name}: cannot read the image ({e})")) from None
+
+
+def image_name(image) -> str:
+    """How messages name an image: its path, printable, or "image" for a PIL image."""
+    return printable(os.fsdecode(image)) if isinstance(image, (str, bytes, os.PathLike)) \
+        else "image"
 
 
 def _decode_opened(img, name, max_reduction, signature):
@@ -2710,7 +2789,9 @@ def show_weights(model: "Mixer", path, blocks: int = SHOW_BLOCKS, units: int = S
     canvas = np.empty((SHOW_PAD + blocks * band, width, 3), np.uint8)
     canvas[:] = SHOW_BACKGROUND
     for b in range(blocks):
-        kernel = model._ops.numpy(model.params[f"MixerBlock_{b}/token_mixing/Dense_0/kernel"])
+        kernel = model.params[f"MixerBlock_{b}/token_mixing/Dense_0/kernel"]
+        kernel = model._host_quantized(kernel).dequantize() if isinstance(kernel, dict) \
+            else model._ops.numpy(kernel)  # a quantised kernel is drawn dequantised
         kernel = np.asarray(kernel, np.float64)[:, :units]  # (S, units)
         scale = np.abs(kernel).max(axis=0)
         t = (kernel / np.where(scale > 0, scale, 1)).T.reshape(units, g, g)  # token i*g+j at (i, j)
@@ -2927,15 +3008,18 @@ def _image_paths(arguments) -> tuple[list, list]:
         if not os.path.isdir(argument):
             paths.append(argument)
             continue
-        found = []
-
-        def unlisted(error):
-            problems.append(f"{printable(os.fsdecode(error.filename))}: cannot list the "
-                            f"folder ({error.strerror})")
-        for folder, subfolders, files in os.walk(argument, onerror=unlisted):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-            found += [os.path.join(folder, f) for f in files if not f.startswith(".")
-                      and f.lower().endswith(IMAGE_EXTENSIONS)]
+        found, folders = [], [argument]
+        while folders:  # a stack, not os.walk, which recurses (a folder 1000 deep fails)
+            try:
+                with os.scandir(folder := folders.pop()) as listing:
+                    entries = [e for e in listing if not e.name.startswith(".")]
+            except OSError as error:
+                problems.append(f"{printable(os.fsdecode(folder))}: cannot list the folder "
+                                f"({error.strerror})")
+                continue
+            folders += [e.path for e in entries if e.is_dir() and not e.is_symlink()]
+            found += [e.path for e in entries if not e.is_dir()
+                      and e.name.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
             problems.append(f"{printable(os.fsdecode(argument))}: no image files in this folder "
                             f"or below (looked for {', '.join(IMAGE_EXTENSIONS)}; hidden files "
@@ -3043,7 +3127,8 @@ def run_main(prog: str, body) -> int:
             if sig is not None:
                 old[sig] = signal.signal(sig, terminate)
     try:
-        return body()
+        with escaping_output():
+            return body()
     except MixerError as e:
         return _fail(prog, f"error: {e}", 2)
     except Terminated as e:
@@ -3069,8 +3154,25 @@ def run_main(prog: str, body) -> int:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def escaping_output():
+    """sys.stdout and sys.stderr writing what their encoding cannot hold (a label or a file
+    name on an ASCII or cp1252 console) as backslash escapes (caf\\xe9) instead of failing,
+    for the block; their error handlers restored afterwards."""
+    streams = [s for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")]
+    before = [s.errors for s in streams]
+    for stream in streams:
+        stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        for stream, errors in zip(streams, before):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
+                stream.reconfigure(errors=errors)
+
+
 def _fail(prog: str, message: str, status: int) -> int:
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError), escaping_output():
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
     return status
 
