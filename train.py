@@ -613,12 +613,7 @@ def _pick(split: Split, mask: np.ndarray) -> Split:
 
 
 def _scan_split(folder, classes, pool, say, require_all):
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        class_dir = os.path.join(folder, name)
-        paths = _class_files(class_dir) if os.path.isdir(class_dir) else []
-        files += paths
-        labels += [c] * len(paths)
+    files, labels = _labelled_files(folder, {name: c for c, name in enumerate(classes)})
     chunks = [files[i:i + 256] for i in range(0, len(files), 256)]  # not 1M futures at once
     problems = [p for chunk in pool.map(lambda c: [_probe(f) for f in c], chunks) for p in chunk]
     bad = [(f, p) for f, p in zip(files, problems) if p]
@@ -644,10 +639,18 @@ def _listdir(folder: str) -> list[str]:
                          f"move it out of DATA_DIR)") from None
 
 
-def _class_files(class_dir: str) -> list[str]:
-    """The paths of the files in a class folder, sorted, hidden ones left out."""
-    return [os.path.join(class_dir, n) for n in _listdir(class_dir)
-            if not n.startswith(".") and os.path.isfile(os.path.join(class_dir, n))]
+def _labelled_files(folder: str, classes: dict) -> tuple[list[str], list[int]]:
+    """The files of the class folders {name: class index} in `folder` (sorted, hidden ones left
+    out) and their labels."""
+    files, labels = [], []
+    for name, c in classes.items():
+        class_dir = os.path.join(folder, name)
+        names = _listdir(class_dir) if os.path.isdir(class_dir) else []
+        paths = [os.path.join(class_dir, n) for n in names
+                 if not n.startswith(".") and os.path.isfile(os.path.join(class_dir, n))]
+        files += paths
+        labels += [c] * len(paths)
+    return files, labels
 
 
 def _folders(folder: str) -> list[str]:
@@ -1592,18 +1595,15 @@ class Run:
         self.classes, self.train_split, self.val_split = scan(s["data_dir"], s["val_fraction"],
                                                               s["seed"], pool, self.say)
         self.digest = _digest(s["data_dir"], self.train_split)
-        if info is None:
-            params, momentum = self._new_model()
-        else:
-            params, momentum = self._resumed_model(info, saved_arrays)
-        micro, accum, memory_line = plan_micro_batches(xp, self.config, s)
-        self.micro, self.accum = micro, accum
+        params, momentum = (self._new_model() if info is None
+                            else self._resumed_model(info, saved_arrays))
+        self.micro, self.accum, memory_line = plan_micro_batches(xp, self.config, s)
         mixer.get_ops(xp.name, s["dtype"])  # a device that cannot compute the dtype says so here
         self.resize = (self.preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if xp.rank == 0:
             _truncate_metrics(run_dir, self.metrics_path, self.step)
-        self.trainer = Trainer(xp, self.config, params, momentum, accum, s["dtype"],
+        self.trainer = Trainer(xp, self.config, params, momentum, self.accum, s["dtype"],
                                tuple(info["loss_scale"]) if info and "loss_scale" in info
                                else None)
         self.cache = DecodeCache(s["decode_cache_mib"] * 2**20)
@@ -1714,10 +1714,7 @@ class Run:
         if self.best is None or self.val_top1 > self.best:
             self.best, self.best_step = self.val_top1, self.step
             if self.xp.rank == 0:
-                self.model().save(os.path.join(self.run_dir, "best.safetensors"),
-                                  source=f"train.py: {self.source} trained on "
-                                         f"{self.s['data_dir']}, step {self.step}, val top-1 "
-                                         f"{self.val_top1:.4f}")
+                self._save("best.safetensors", f", val top-1 {self.val_top1:.4f}")
         return self.val_top1
 
     def log(self, record: dict, evaluating: bool) -> None:
@@ -1758,14 +1755,16 @@ class Run:
         return mixer.Mixer(self.config, self.trainer.numpy("params"), backend="numpy",
                            labels=self.classes, preprocessing=self.preprocessing)
 
+    def _save(self, name: str, note: str = "") -> None:
+        self.model().save(os.path.join(self.run_dir, name), source=f"train.py: {self.source} "
+                          f"trained on {self.s['data_dir']}, step {self.step}{note}")
+
     def checkpoint(self) -> None:
         """last.safetensors and the state that --resume continues from (rank 0 writes)."""
         if self.xp.rank != 0:
             return
         s, step, n = self.s, self.step, len(self.train_split.files)
-        self.model().save(os.path.join(self.run_dir, "last.safetensors"),
-                          source=f"train.py: {self.source} trained on {s['data_dir']}, step "
-                                 f"{step}")
+        self._save("last.safetensors")
         position = step * s["batch_size"]
         save_state(os.path.join(self.run_dir, STATE_FILE), self.trainer, {
             "version": STATE_VERSION, "step": step, "settings": s, "classes": self.classes,
@@ -2249,11 +2248,7 @@ def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
                          f"{', '.join(repr(x) for x in labels[:3])})")
     for name, why in unmatched.items():
         console.say(f"skipping {os.path.join(folder, name)}: {why}")
-    files, truth = [], []
-    for name, c in matched.items():
-        paths = _class_files(os.path.join(folder, name))
-        files += paths
-        truth += [c] * len(paths)
+    files, truth = _labelled_files(folder, matched)
     if not files:
         raise MixerError(f"the matched class folders of {folder} hold no files")
 
