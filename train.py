@@ -1683,10 +1683,10 @@ class Run:
 
     def tally(self, loss: float, grad_norm: float, seconds: float) -> None:
         """Adds a step to the sums behind the next record (unless skipped) and to the timing."""
+        w = self.window
         if not self.trainer.skipped:
-            self.window = {"loss": self.window["loss"] + loss,
-                           "grad_norm": self.window["grad_norm"] + grad_norm,
-                           "n": self.window["n"] + 1}
+            self.window = {"loss": w["loss"] + loss, "grad_norm": w["grad_norm"] + grad_norm,
+                           "n": w["n"] + 1}
         self.timed = {"time": self.timed["time"] + seconds, "n": self.timed["n"] + 1}
 
     def shown(self) -> tuple[float, float, float]:
@@ -2295,10 +2295,8 @@ def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -
     row = {c: j for j, c in enumerate(classes)}
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(confusion, ([row[c] for c in truth], [row[c] for c in top[:, 0]]), 1)
-    folders_of = {}
-    for name, c in matched.items():
-        folders_of.setdefault(c, []).append(name)
-    per_class = [{"index": c, "label": labels[c], "folders": folders_of[c],
+    per_class = [{"index": c, "label": labels[c],
+                  "folders": [name for name, m in matched.items() if m == c],
                   "images": int((truth == c).sum()), "correct": int(hit1[truth == c].sum()),
                   "top1": float(hit1[truth == c].mean())}
                  for c in sorted(set(truth.tolist()))]
