@@ -1,5 +1,5 @@
-"""Fine-tune an MLP-Mixer on a folder of images, on MLX or tinygrad; or fit a linear probe on
-its frozen features, or score a weights file (README: Fine-tuning).
+"""Fine-tune an MLP-Mixer on a folder of images on MLX or tinygrad, fit a linear probe on its
+frozen features, or score a weights file (README: Fine-tuning, Linear probe, Evaluating).
 
 The recipe is the paper's (arXiv:2105.01601 §3 and the official vision_transformer configs):
 momentum SGD 0.9, gradient clipping at global norm 1, linear warmup then cosine decay, no weight
@@ -12,14 +12,10 @@ decay, softmax cross-entropy, a zero-initialised head, random resized crop + hor
     python train.py DATA_DIR --weights W.safetensors --eval-only           # top-1, confusion
     mlx.launch -n 2 --backend ring -- python train.py DATA_DIR ...         # data-parallel
 
-DATA_DIR holds train/<class>/<image> and optionally val/<class>/<image>. RUN_DIR (--out,
-default runs/<timestamp>) receives last.safetensors and best.safetensors (mixer.py weights with
-the class names as labels), metrics.jsonl, curves.png and state.safetensors (what --resume
-needs; no pickle). The data order and the augmentation are pure functions of (seed, position in
-the sample stream), so the step number is the whole loader state and a resumed run repeats the
-uninterrupted one. The file reads top to bottom: the recipe (get_lr, sgd_momentum,
-cross_entropy), the backend adapters, Trainer (the compiled step), memory planning, data, the
-model to start from, the run directory, the training loop (_run), the probe, charts,
+The data order and the augmentation are pure functions of (seed, position in the sample
+stream), so the step number is the whole loader state and a resumed run repeats the
+uninterrupted one. The file reads: the recipe, the backend adapters, Trainer, memory planning,
+data, the model to start from, the run directory, the training loop, the probe, charts,
 evaluation, the command line.
 """
 
@@ -45,8 +41,7 @@ import time
 
 if __name__ == "__main__":
     def _interrupted_while_starting(kind, value, tb, report=sys.excepthook):
-        """Ctrl-C while numpy, mixer and a backend are imported (before run_main's handling
-        begins): one line and status 130, as at any later moment."""
+        """Ctrl-C during the imports below: one line and status 130, as at any later moment."""
         if issubclass(kind, KeyboardInterrupt):
             print("train: interrupted", file=sys.stderr, flush=True)
             os._exit(130)
@@ -71,7 +66,7 @@ LOCK_FILE = "train.lock"  # locked by the process that runs in RUN_DIR, for as l
 WEIGHTS_FILES = ("best.safetensors", "last.safetensors")
 
 # Settings of a run; None in train()'s signature means "not given" (so --resume can tell an
-# explicit change from a default). Comments say where a default comes from.
+# explicit change from a default).
 DEFAULTS = {
     "backend": None,  # mlx when installed, else tinygrad
     "image_size": None,  # the checkpoint's, or 224 for random init
@@ -90,9 +85,8 @@ DEFAULTS = {
     "workers": None,  # decoding threads: one per core, at most 8
     "decode_cache_mib": 1024,  # decoded images kept in memory between epochs (DecodeCache)
 }
-# Settings that --resume may change because they do not change the result.
-# The micro-batch (accum_steps, memory_budget) changes the result only by float rounding: the
-# gradient is the mean over the same images.
+# Settings that --resume may change because they do not change the result (the micro-batch only
+# by float rounding: the gradient is the mean over the same images).
 RESUME_MAY_CHANGE = {"data_dir", "backend", "workers", "log_every", "decode_cache_mib",
                      "accum_steps", "memory_budget"}
 
@@ -120,32 +114,27 @@ def sgd_momentum(xp, params: dict, momentum: dict, grads: dict, lr):
 
 
 def cross_entropy(xp, logits, onehot):
-    """Softmax cross-entropy, mean over the batch. Labels come one-hot (B, num_classes)."""
+    """Softmax cross-entropy, mean over the batch. Labels come one-hot (B, num_classes), so that
+    the loss is the same arithmetic on every backend (no gather)."""
     return (xp.logsumexp(logits) - (logits * onehot).sum(axis=-1)).mean()
 
 
 # --------------------------------------------------------------------------------------------
-# Backend adapters: what the recipe and Trainer need beyond mixer.py's inference shim.
-#   sqrt, maximum, logsumexp(x) (last axis), zeros_like      numpy-like math
+# Backend adapters: what the recipe and Trainer need beyond mixer.py's inference shim (`ops`):
+#   sqrt, maximum, zeros_like, where, logsumexp (last axis), cast(x, dtype)   math
 #   value_and_grad(f)      f(params, *args) -> loss  =>  (loss, grads dict)
 #   assign(tree, key, v)   store v as tree[key] inside a compiled function
-#   compile(fn, state)     fn's compiled version; fn reads and assigns the arrays in `state`
-#   mean_over_ranks(tree)  data-parallel all-reduce of arrays (identity on one process)
-#   sum_over_ranks(v)      the same for a Python number (evaluation counts, stop requests)
-#   scalar(v), sync(tree)  a (1,) float32 input; wait for the arrays
-#   start(tree)            begin computing the arrays without waiting for them
+#   compile(fn, state)     fn compiled; fn reads and assigns the arrays in `state`
+#   mean_over_ranks(tree), sum_over_ranks(number)   data-parallel all-reduce (identity on one)
+#   scalar(v), sync(tree), start(tree)   a (1,) float32 input; wait for / begin computing arrays
 #   images(pixels)         uint8 (B, H, W, 3) -> the model's input, normalised on the device
-#   cast(x, dtype), where(c, x, y)                            mixed precision
-#   split_batch(n, fn)     [fn(lo, hi) per part] with the parts of a batch of n on separate
-#                          cores (mixer.MlxOps.split_batch), or None: run it whole
-# Labels travel one-hot, so that the loss is the same arithmetic on every backend (no gather).
+#   split_batch(n, fn)     [fn(lo, hi) per part] on separate cores, or None: run it whole
 
 
 @functools.cache
 def _mlx_gelu_keeping_input():
     """mixer.MlxOps's GELU with its gradient written out, so that the backward keeps only x
-    (autodiff through its exp rewrite keeps u, the exp and the denominator: 2.3x the
-    activation memory; README, Memory)."""
+    (autodiff through its exp rewrite keeps more; README, Memory)."""
     mx = mixer.import_mlx()
 
     @mx.custom_function
@@ -174,23 +163,28 @@ class MlxTrainingOps(mixer.MlxOps):
         return _mlx_gelu_keeping_input()(x)
 
 
+def _device_images(xp, x):
+    """Normalised images, in the compute dtype: mixer.preprocess's arithmetic on the device."""
+    x = x / 127.5 - 1.0
+    return x if xp.ops.dtype == "float32" else xp.cast(x, xp.ops.dtype)
+
+
 class MlxBackend:
-    """The adapter on MLX (the methods of the table above), data-parallel under mlx.launch."""
+    """The adapter on MLX (the table above), data-parallel under mlx.launch."""
     name = "mlx"
     compiled_keeps_buffers = False  # MLX frees a compiled function's intermediates
 
     def __init__(self):
-        self.mx = mixer.import_mlx()
+        mx = self.mx = mixer.import_mlx()
         self.ops = MlxTrainingOps()
-        self.group = self.mx.distributed.init()
+        self.group = mx.distributed.init()
         self.rank, self.size = self.group.rank(), self.group.size()
-        self.sqrt, self.maximum, self.zeros_like = self.mx.sqrt, self.mx.maximum, self.mx.zeros_like
+        self.sqrt, self.maximum, self.zeros_like, self.where = (mx.sqrt, mx.maximum,
+                                                                mx.zeros_like, mx.where)
+        self.value_and_grad, self.sync, self.start = mx.value_and_grad, mx.eval, mx.async_eval
 
     def logsumexp(self, x):
         return self.mx.logsumexp(x, axis=-1)
-
-    def value_and_grad(self, fn):
-        return self.mx.value_and_grad(fn)
 
     def assign(self, tree, key, value):
         tree[key] = value
@@ -215,40 +209,31 @@ class MlxBackend:
     def cast(self, x, dtype: str):
         return x.astype(getattr(self.mx, dtype))
 
-    def where(self, condition, x, y):
-        return self.mx.where(condition, x, y)
-
-    def sync(self, tree):
-        self.mx.eval(tree)
-
-    def start(self, tree):
-        self.mx.async_eval(tree)
-
     def images(self, pixels: np.ndarray):
-        # uint8 moved, normalised on the device with mixer.preprocess's arithmetic (tested equal)
-        x = self.mx.array(pixels).astype(self.mx.float32) / 127.5 - 1.0
-        return x if self.ops.dtype == "float32" else self.cast(x, self.ops.dtype)
+        return _device_images(self, self.mx.array(pixels).astype(self.mx.float32))
 
     def split_batch(self, batch, fn):
         return self.ops.split_batch(batch, fn)
 
 
 class TinygradBackend:
-    """The adapter on tinygrad (the methods of the table above), one process."""
+    """The adapter on tinygrad (the table above), one process."""
     name = "tinygrad"
     rank, size = 0, 1
     compiled_keeps_buffers = True  # a TinyJit holds its intermediates (Trainer.end_evaluation)
+    sqrt = staticmethod(lambda x: x.sqrt())
+    maximum = staticmethod(lambda x, y: x.maximum(y))
+    zeros_like = staticmethod(lambda x: x.zeros_like())
+    logsumexp = staticmethod(lambda x: x.logsumexp(axis=-1))
+    where = staticmethod(lambda condition, x, y: condition.where(x, y))
+    mean_over_ranks = sum_over_ranks = staticmethod(lambda value: value)
+    split_batch = staticmethod(lambda batch, fn: None)  # no streams to run parts side by side
 
     def __init__(self):
         if int(os.environ.get("MLX_RANK", "0")) or "MLX_HOSTFILE" in os.environ:
             raise MixerError("data-parallel training (mlx.launch) needs --backend mlx")
         self.tg = mixer.import_tinygrad()
         self.ops = mixer.TinygradOps()
-
-    sqrt = staticmethod(lambda x: x.sqrt())
-    maximum = staticmethod(lambda x, y: x.maximum(y))
-    zeros_like = staticmethod(lambda x: x.zeros_like())
-    logsumexp = staticmethod(lambda x: x.logsumexp(axis=-1))
 
     def value_and_grad(self, fn):
         def run(params, *args):
@@ -269,21 +254,12 @@ class TinygradBackend:
             return out
         return self.tg.TinyJit(run)
 
-    def mean_over_ranks(self, tree):
-        return tree
-
-    def sum_over_ranks(self, value: float) -> float:
-        return value
-
     def scalar(self, value):
         # (1,), not 0-d: TinyJit refuses 0-d inputs made from numpy
         return self.tg.Tensor(np.array([value], np.float32)).realize()
 
     def cast(self, x, dtype: str):
         return x.cast(getattr(self.tg.dtypes, dtype))
-
-    def where(self, condition, x, y):
-        return condition.where(x, y)
 
     def sync(self, tree):
         self.tg.Tensor.realize(*_leaves(tree))
@@ -293,13 +269,9 @@ class TinygradBackend:
     start = sync
 
     def images(self, pixels: np.ndarray):
-        # uint8 moved, normalised on the device; tinygrad divides by multiplying with the
-        # reciprocal: within 2**-23 of mixer.preprocess's value (one ulp of x / 127.5; tested)
-        x = self.tg.Tensor(np.array(pixels, np.uint8, order="C")).float() / 127.5 - 1.0
-        return (x if self.ops.dtype == "float32" else self.cast(x, self.ops.dtype)).realize()
-
-    def split_batch(self, batch, fn):
-        return None  # always whole: tinygrad has no streams to run parts side by side
+        # tinygrad divides by multiplying with the reciprocal: within one ulp (tested)
+        x = self.tg.Tensor(np.array(pixels, np.uint8, order="C")).float()
+        return _device_images(self, x).realize()
 
 
 def _leaves(tree):
@@ -315,8 +287,7 @@ TRAIN_BACKENDS = {"mlx": MlxBackend, "tinygrad": TinygradBackend}
 
 def get_backend(name: str | None):
     """The training adapter of backend `name` (None: default_train_backend())."""
-    if name is None:
-        name = default_train_backend()
+    name = default_train_backend() if name is None else name
     if name not in TRAIN_BACKENDS:
         raise MixerError(f"cannot train on backend {name!r} (no autograd): use one of "
                          f"{sorted(TRAIN_BACKENDS)}")
@@ -324,9 +295,8 @@ def get_backend(name: str | None):
 
 
 def default_train_backend() -> str:
-    """The backend that --backend's absence picks: MIXER_BACKEND; MLX with a GPU (Metal, or
-    CUDA with mlx[cuda13]); tinygrad when DEV names an accelerator (DEV=CUDA, DEV=METAL, ...);
-    else MLX on the CPU (faster than tinygrad's CPU device), else tinygrad."""
+    """The backend that --backend's absence picks: MIXER_BACKEND; MLX with a GPU; tinygrad when
+    DEV names an accelerator; else MLX on the CPU (faster than tinygrad's), else tinygrad."""
     env = os.environ.get("MIXER_BACKEND")
     if env in TRAIN_BACKENDS:
         return env
@@ -344,21 +314,19 @@ def default_train_backend() -> str:
 # --------------------------------------------------------------------------------------------
 # The optimisation state and the two compiled halves of a step, written once.
 
+# float16 loss scaling (the usual dynamic scheme): the first scale, the good steps after which it
+# doubles, and the scale below which an overflowing gradient overflows unscaled (Run.train_step
+# stops the run then)
+LOSS_SCALE_START = 2.0 ** 15
+LOSS_SCALE_GROWTH = 1000
+LOSS_SCALE_MIN = 1.0
+
 
 class Trainer:
-    """Params, momentum and gradient sums on one backend.
-
-    accumulate(x, onehot)  adds one micro-batch's mean-loss gradient to the sums (in parts
-                           where the backend splits the batch across cores)
-    update(lr)             averages the sums (over micro-batches and ranks), takes one SGD step,
-                           clears the sums; returns (mean loss, gradient norm) as floats
-    logits(x)              the current model's logits
-
-    Mixed precision (dtype bfloat16 or float16): the forward and backward run on a copy of the
-    params in that dtype; params, momentum, the gradient sums, the update, the logits' softmax
-    and the loss stay float32. float16 scales the loss by loss_scale (its gradients underflow
-    below 6e-8 otherwise): a step whose gradient is not finite is skipped (`skipped`), the
-    scale halved; after LOSS_SCALE_GROWTH good steps it doubles. bfloat16 has float32's range.
+    """Params, momentum and gradient sums on one backend: accumulate() adds a micro-batch's
+    gradient, update() takes one SGD step on their mean. In mixed precision the forward and
+    backward run on a bfloat16/float16 copy of the params, the rest stays float32; float16
+    scales the loss and skips a step whose gradient is not finite (`skipped`), halving the scale.
     """
 
     def __init__(self, xp, config: mixer.MixerConfig, params: dict, momentum: dict | None = None,
@@ -377,14 +345,14 @@ class Trainer:
             "loss_sum": xp.scalar(0.0),
         }
         state, n = self.state, config.num_blocks
-        # weight: the part's share of the micro-batch, so that the parts' weighted mean losses
-        # (and their gradients) sum to the micro-batch's; 1.0, exact, for a whole micro-batch
+
         def model(p, x):
             if dtype == "float32":
                 return mixer.forward(xp.ops, p, x, n)
             p = {k: xp.cast(v, dtype) for k, v in p.items()}
             return xp.cast(mixer.forward(xp.ops, p, xp.cast(x, dtype), n), "float32")
-        # scale: the loss scale (1.0, exact, unless float16)
+        # weight: the part's share of the micro-batch, so that the parts' losses sum to the
+        # micro-batch's; scale: the loss scale (both 1.0, exact, by default)
         loss_and_grads = xp.value_and_grad(lambda p, x, onehot, weight, scale: (cross_entropy(
             xp, model(p, x), onehot) * weight * scale).sum())
 
@@ -419,10 +387,9 @@ class Trainer:
         self._running = None  # the arrays of the micro-batch in flight (accumulate)
 
     def accumulate(self, x: np.ndarray, onehot: np.ndarray) -> None:
-        """x: uint8 pixels (Loader.batches; normalised on the device) or float32 images in
-        [-1, 1]. Returns once the micro-batch is queued and the one before it has finished, so
-        that the caller prepares and uploads the next micro-batch while this one computes, and
-        at most two are in memory."""
+        """Adds the gradient of x (uint8 pixels, or float32 images in [-1, 1]). Returns once x
+        is queued and the micro-batch before it has finished: the caller prepares the next one
+        while this one computes, and at most two are in memory."""
         xp, n = self.xp, len(x)
         upload = xp.images if x.dtype == np.uint8 else xp.ops.asarray
 
@@ -454,14 +421,12 @@ class Trainer:
         return loss, norm
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """The current model's logits of float32 images x."""
-        # evaluated in float32: the master weights, as saved
+        """The current model's logits of float32 images x, in float32 (the master weights)."""
         return self.xp.ops.numpy(self._logits(self.state["params"], self.xp.ops.asarray(x)))
 
     def end_evaluation(self) -> None:
-        """Frees what evaluation's compiled forward holds, on backends whose compiled functions
-        keep their buffers (tinygrad's TinyJit: every intermediate, for its lifetime), so that
-        training does not hold them beside its own step's on a small GPU."""
+        """Frees what the compiled forward holds on backends whose compiled functions keep their
+        buffers (TinyJit), so that training does not hold them beside its own on a small GPU."""
         if self.xp.compiled_keeps_buffers:
             self._logits = self.xp.ops.compile(self._forward)
 
@@ -470,30 +435,17 @@ class Trainer:
         return {k: self.xp.ops.numpy(v) for k, v in self.state[part].items()}
 
 
-# float16 loss scaling (the usual dynamic scheme): the first scale, and the good steps after
-# which it doubles
-LOSS_SCALE_START = 2.0 ** 15
-LOSS_SCALE_GROWTH = 1000
-# Below this the scale no longer scales up: a gradient that still overflows overflows unscaled,
-# and float16 cannot train the model (Run.train_step stops the run instead of skipping on)
-LOSS_SCALE_MIN = 1.0
-
-
 # --------------------------------------------------------------------------------------------
 # Memory: the micro-batch is chosen from a memory budget, and --batch-size reached by accumulation.
 
 # Activation bytes per image of a training micro-batch: ACTIVATION_FACTOR floats per float of
-# the per-block minimum (what a block's backward must keep: 4 (S, C) arrays, and the input and
-# output of each MLP's GELU), for the blocks plus one (the backward's temporaries), and one per
-# pixel value; fitted to MLX's peak memory, ACTIVATION_MARGIN covering the spread (README).
+# what a block's backward must keep (4 (S, C) arrays, each MLP's GELU input and output), for the
+# blocks plus one (the backward's temporaries), and one per pixel value; fitted to MLX's peak
+# memory, ACTIVATION_MARGIN covering the spread (README, Memory).
 ACTIVATION_FACTOR = 1.15
 ACTIVATION_MARGIN = 1.25
-# On a CPU the budget is this share of the memory the system calls available: the rest stays
-# with the page cache and the programs beside the run.
-CPU_MEMORY_SHARE = 0.25
-# The process itself (50 MiB RSS measured with everything imported), with room for the decoding
-# threads and MLX's compiled kernels.
-PROCESS_BYTES = 256 * 2**20
+CPU_MEMORY_SHARE = 0.25  # of available memory: the rest stays with the page cache and others
+PROCESS_BYTES = 256 * 2**20  # the process itself, its decoding threads and compiled kernels
 MAX_MEMORY_BUDGET = 2**20  # GiB (a pebibyte): more than any device; 1e300 overflowed
 
 
@@ -508,21 +460,17 @@ def activation_bytes(config: mixer.MixerConfig, dtype: str = "float32") -> int:
 
 def fixed_bytes(config: mixer.MixerConfig, dtype: str, share: int, decode_cache: int) -> int:
     """Bytes a training process holds whatever its micro-batch: float32 params, momentum,
-    gradient sums and one micro-batch's gradients (a half-precision copy of the params besides,
-    in mixed precision), the loader's batches (this process's `share` of a batch, uint8 pixels,
-    the one in use and two decoded ahead), the decode cache's budget and the process itself."""
-    params = mixer.num_params(config)
-    weights = params * (16 + (2 if dtype != "float32" else 0))
+    gradient sums and gradients (and a half-precision copy), the loader's three batches of this
+    process's `share` of uint8 pixels, the decode cache and the process itself."""
+    weights = mixer.num_params(config) * (16 + (2 if dtype != "float32" else 0))
     batches = 3 * share * config.image_size ** 2 * 3
     return weights + batches + decode_cache + PROCESS_BYTES
 
 
 def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
                        processes: int = 1) -> tuple[int, int]:
-    """-> (micro-batch, accumulation steps): the largest micro-batch whose estimated peak
-    fixed + micro x per_image fits in budget and that divides each process's share of
-    batch_size, so that micro x accumulation steps x processes == batch_size exactly. Refuses
-    (MixerError) when the share is not whole or when one image does not fit."""
+    """-> (micro-batch, accumulation steps): the largest micro-batch whose estimated peak fits
+    in budget and divides each process's share of batch_size exactly."""
     if batch_size % processes:
         raise MixerError(f"--batch-size {batch_size} must be a multiple of the {processes} "
                          f"processes")
@@ -531,8 +479,8 @@ def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
     if fits < 1:
         gib = mixer.format_gib
         raise MixerError(f"training needs about {gib(fixed + per_image)} for one image per "
-                         f"micro-batch ({gib(fixed)} fixed + {mixer.format_size(per_image)} per image), "
-                         f"more than the {mixer.format_gib(budget)} budget: give a larger "
+                         f"micro-batch ({gib(fixed)} fixed + {mixer.format_size(per_image)} per "
+                         f"image), more than the {gib(budget)} budget: give a larger "
                          f"--memory-budget if the device has it, a smaller --decode-cache-mib "
                          f"(counted in the fixed part), a smaller model or --image-size, or "
                          f"--dtype bfloat16")
@@ -541,9 +489,8 @@ def choose_micro_batch(per_image: int, fixed: int, budget: int, batch_size: int,
 
 
 def memory_budget(xp) -> tuple[int, str]:
-    """-> (bytes, where they come from): the recommended working set of an Apple GPU, the free
-    memory of a CUDA GPU (both as MLX reports them), else a CPU_MEMORY_SHARE of the memory
-    available to programs (for tinygrad too: it reports no device memory)."""
+    """-> (bytes, where they come from): an Apple GPU's recommended working set, a CUDA GPU's
+    free memory (as MLX reports them), else CPU_MEMORY_SHARE of the available memory."""
     if xp.name == "mlx" and xp.mx.default_device() != xp.mx.cpu:
         info = xp.mx.device_info()
         for key, what in (("max_recommended_working_set_size", "the GPU's recommended working "
@@ -557,8 +504,8 @@ def memory_budget(xp) -> tuple[int, str]:
 
 
 def _available_memory() -> int | None:
-    """Bytes the system can give programs now: Linux's MemAvailable (which counts the page
-    cache it would drop), else the free pages POSIX reports, else None."""
+    """Linux's MemAvailable (which counts the page cache it would drop), else the free pages
+    POSIX reports, else None."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -573,9 +520,8 @@ def _available_memory() -> int | None:
 
 
 def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
-    """-> (micro-batch, accumulation steps, the line that says why) for the run's settings:
-    chosen from the memory budget, or --accum-steps as given (with a warning in the line when
-    its estimate exceeds the budget: the user asked for it, and the estimate has a margin)."""
+    """-> (micro-batch, accumulation steps, the line that says why): chosen from the budget, or
+    --accum-steps as given (warned about when it exceeds the budget: the estimate has a margin)."""
     batch_size, processes = s["batch_size"], xp.size
     per_image = activation_bytes(config, s["dtype"])
     fixed = fixed_bytes(config, s["dtype"], batch_size // processes,
@@ -593,11 +539,11 @@ def plan_micro_batches(xp, config, s: dict) -> tuple[int, int, str]:
             raise MixerError(f"--batch-size {batch_size} must be a multiple of --accum-steps "
                              f"{accum} x {processes} process{'es' * (processes > 1)}")
         micro, how = batch_size // (accum * processes), "--accum-steps"
-    peak = fixed + micro * per_image
+    peak, gib = fixed + micro * per_image, mixer.format_gib
     line = (f"micro-batch {micro} x {accum} accumulation steps"
             + (f" x {processes} processes" if processes > 1 else "")
-            + f" = {batch_size} per step ({how}): ~{mixer.format_gib(peak)} estimated of a "
-              f"{mixer.format_gib(budget)} budget ({source})")
+            + f" = {batch_size} per step ({how}): ~{gib(peak)} estimated of a {gib(budget)} "
+              f"budget ({source})")
     if peak > budget:
         line += ("; WARNING: more than the budget, a smaller micro-batch (leave out "
                  "--accum-steps) would fit")
@@ -622,10 +568,10 @@ def scan(data_dir: str, val_fraction: float | None, seed: int, pool, say):
         raise MixerError(f"{train_dir} not found: expected DATA_DIR/train/<class>/<image> "
                          f"(and optionally DATA_DIR/val/<class>/<image>)")
     classes = _folders(train_dir)
-    for name in classes:
-        if not _is_text(name):
-            raise MixerError(f"{os.path.join(train_dir, name)!r}: a class folder name that is not "
-                             f"valid UTF-8; rename it (folder names become the model's labels)")
+    bad_name = next((name for name in classes if not _is_text(name)), None)
+    if bad_name is not None:
+        raise MixerError(f"{os.path.join(train_dir, bad_name)!r}: a class folder name that is "
+                         f"not valid UTF-8; rename it (folder names become the model's labels)")
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
         raise MixerError(f"{train_dir}: found {found}; a classifier needs at least 2 classes, "
@@ -659,18 +605,15 @@ def scan(data_dir: str, val_fraction: float | None, seed: int, pool, say):
     if not is_val.any():
         say(f"too few images to hold out {fraction:g} of each class: no validation set")
         return classes, train, None
-    pick = lambda mask: Split([f for f, m in zip(train.files, mask) if m],  # noqa: E731
-                              train.labels[mask])
-    return classes, pick(~is_val), pick(is_val)
+    return classes, _pick(train, ~is_val), _pick(train, is_val)
+
+
+def _pick(split: Split, mask: np.ndarray) -> Split:
+    return Split([f for f, m in zip(split.files, mask) if m], split.labels[mask])
 
 
 def _scan_split(folder, classes, pool, say, require_all):
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        class_dir = os.path.join(folder, name)
-        paths = _class_files(class_dir) if os.path.isdir(class_dir) else []
-        files += paths
-        labels += [c] * len(paths)
+    files, labels = _labelled_files(folder, {name: c for c, name in enumerate(classes)})
     chunks = [files[i:i + 256] for i in range(0, len(files), 256)]  # not 1M futures at once
     problems = [p for chunk in pool.map(lambda c: [_probe(f) for f in c], chunks) for p in chunk]
     bad = [(f, p) for f, p in zip(files, problems) if p]
@@ -678,15 +621,13 @@ def _scan_split(folder, classes, pool, say, require_all):
         shown = "; ".join(f"{f}: {p}" for f, p in bad[:3])
         say(f"skipping {len(bad)} unreadable file{'s' * (len(bad) > 1)} in {folder} ({shown}"
             f"{'; ...' if len(bad) > 3 else ''})")
-    keep = [not p for p in problems]
-    files = [f for f, k in zip(files, keep) if k]
-    labels = np.array([y for y, k in zip(labels, keep) if k], dtype=np.int64)
-    if require_all:
-        for c, name in enumerate(classes):
-            if not (labels == c).any():
-                raise MixerError(f"{os.path.join(folder, name)} has no readable images: add "
-                                 f"some or remove the folder")
-    return Split(files, labels)
+    keep = np.array([not p for p in problems], bool)
+    split = _pick(Split(files, np.array(labels, dtype=np.int64)), keep)
+    missing = [name for c, name in enumerate(classes) if not (split.labels == c).any()]
+    if require_all and missing:
+        raise MixerError(f"{os.path.join(folder, missing[0])} has no readable images: add "
+                         f"some or remove the folder")
+    return split
 
 
 def _listdir(folder: str) -> list[str]:
@@ -698,10 +639,18 @@ def _listdir(folder: str) -> list[str]:
                          f"move it out of DATA_DIR)") from None
 
 
-def _class_files(class_dir: str) -> list[str]:
-    """The paths of the files in a class folder, sorted, hidden ones left out."""
-    return [os.path.join(class_dir, n) for n in _listdir(class_dir)
-            if not n.startswith(".") and os.path.isfile(os.path.join(class_dir, n))]
+def _labelled_files(folder: str, classes: dict) -> tuple[list[str], list[int]]:
+    """The files of the class folders {name: class index} in `folder` (sorted, hidden ones left
+    out) and their labels."""
+    files, labels = [], []
+    for name, c in classes.items():
+        class_dir = os.path.join(folder, name)
+        names = _listdir(class_dir) if os.path.isdir(class_dir) else []
+        paths = [os.path.join(class_dir, n) for n in names
+                 if not n.startswith(".") and os.path.isfile(os.path.join(class_dir, n))]
+        files += paths
+        labels += [c] * len(paths)
+    return files, labels
 
 
 def _folders(folder: str) -> list[str]:
@@ -720,8 +669,7 @@ def _is_text(name: str) -> bool:
 
 
 def _probe(path) -> str | None:
-    """Why Pillow (a dependency, as numpy) cannot open `path` (reading the header only), or
-    None."""
+    """Why Pillow cannot open `path` (reading the header only), or None."""
     from PIL import Image
     try:
         with mixer.open_regular(path, what="an image") as f, Image.open(f):
@@ -731,7 +679,6 @@ def _probe(path) -> str | None:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or \
             type(e).__name__
-
 
 CROP_SCALE = (0.08, 1.0)  # inception crops: the share of the image's area they cover
 CROP_RATIO = (3 / 4, 4 / 3)  # and their aspect ratio (width / height)
@@ -1017,8 +964,7 @@ def build_model(classes, weights=None, variant=None, image_size=None, keep_head=
 
 
 def save_state(path, trainer: Trainer, info: dict) -> None:
-    """RUN_DIR/state.safetensors: params and momentum as tensors, `info` (step, settings,
-    ...: what load_state checks) as JSON metadata."""
+    """RUN_DIR/state.safetensors: params and momentum as tensors, `info` as JSON metadata."""
     tensors = {f"params/{k}": v for k, v in trainer.numpy("params").items()}
     tensors.update({f"momentum/{k}": v for k, v in trainer.numpy("momentum").items()})
     mixer.write_safetensors(path, tensors, {"format": "mixer-train-state",
@@ -1040,7 +986,7 @@ DATA_KEYS = {"digest": str, "num_train": int}
 
 
 def _damaged(run_dir: str, problem: str, fix: str | None = None) -> MixerError:
-    """The error for a run directory that --resume cannot use: what is wrong, and what to do."""
+    """The error for a run directory that --resume cannot use."""
     return MixerError(f"{problem}: the run directory is damaged"
                       + (f"; {fix} to resume, or" if fix else " and cannot be resumed;")
                       + f" start a new run from its weights: python train.py DATA_DIR --weights "
@@ -1066,8 +1012,7 @@ def _check_keys(what: str, d, types: dict) -> str | None:
 
 
 def load_state(run_dir: str):
-    """-> (info dict, params, momentum) from RUN_DIR/state.safetensors, checked: a damaged
-    state is a MixerError that says so, never a crash later in the run."""
+    """-> (info dict, params, momentum) from RUN_DIR/state.safetensors, checked (MixerError)."""
     path = os.path.join(run_dir, STATE_FILE)
     if not os.path.isdir(run_dir):
         raise MixerError(f"--resume {run_dir}: no such run directory")
@@ -1139,9 +1084,7 @@ def _digest(data_dir: str, split: Split, signatures: bool = False) -> str:
 
 
 def _append_jsonl(path: str, record: dict) -> None:
-    """Appends one record as one line, with one write: a crash leaves whole lines only, and a
-    write that fails (a full disk) is undone, so that the file never holds part of a line.
-    allow_nan=False: the file stays valid JSON (callers keep non-finite numbers out)."""
+    """Appends one record as one line with one write, a failed one undone: never part of a line."""
     line = (json.dumps(record, allow_nan=False) + "\n").encode()
     try:  # non-blocking: opening a FIFO put in its place would wait for a reader for ever
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0),
@@ -1167,9 +1110,7 @@ METRICS_LINE_MAX = 2**16  # bytes; a record is ~150: a longer line is not one of
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl, checked: each a JSON object on one line of at most
-    METRICS_LINE_MAX bytes, with a whole "step" above the record before's (the first at least 1)
-    and a finite "loss" and "lr". Anything else is a MixerError that names the line."""
+    """The records of a metrics.jsonl; a line that is not one is a MixerError naming it."""
     records = []
     with mixer.open_regular(path, what="a metrics file") as f:
         for number, line in enumerate(iter(lambda: f.readline(METRICS_LINE_MAX + 1), b""), 1):
@@ -1188,15 +1129,12 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def _finite(value) -> bool:
-    """Whether value is a finite number of a record (json.loads also reads NaN and Infinity)."""
+def _finite(value) -> bool:  # json.loads also reads NaN and Infinity
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _truncate_metrics(run_dir: str, path: str, step: int) -> None:
-    """On resume, drop the records logged after the saved state (they will be redone). A file
-    that is not a sequence of records (a damaged or edited line, steps out of order) is refused,
-    not guessed at."""
+    """On resume, drops the records logged after the saved state (they will be redone)."""
     if not os.path.lexists(path):
         return
     try:
@@ -1208,24 +1146,15 @@ def _truncate_metrics(run_dir: str, path: str, step: int) -> None:
                         if r["step"] <= step).encode())
 
 
-# What a new run that saved none of them leaves behind: nothing (RunDir.release). The first
-# ones make a run usable or resumable; the others are removed with the folder.
+# A new run that saved none of SAVED_FILES leaves nothing behind (RunDir.release).
 SAVED_FILES = (STATE_FILE, *WEIGHTS_FILES, "eval.json")
 SCRATCH_FILES = ("metrics.jsonl", "curves.png", "confusion.png", "features.safetensors",
                  "probe.json")
 
 
 class RunDir:
-    """A run's ownership of its directory, from start to end of the run.
-
-    A new run creates its directory with os.mkdir (a default name that another run took in the
-    same second gets a suffix -2, -3, ...), or takes an existing empty one (--out). Every run,
-    --resume included, then holds an exclusive lock on RUN_DIR/train.lock until it ends, so
-    that a second process on the same directory is refused instead of mixing its files in.
-    The kernel releases the lock when the process ends however it ends (flock), so a crashed
-    run leaves nothing to clean up by hand. release() leaves no trace of a new run that saved
-    nothing (bad input, a full disk, Ctrl-C during start-up).
-    """
+    """A run's directory, made (or an empty --out taken) and locked (flock on RUN_DIR/train.lock,
+    which the kernel drops however the process ends) until release()."""
 
     def __init__(self, path: str, created: bool, new: bool):
         self.path, self.created, self.new = path, created, new
@@ -1272,7 +1201,7 @@ class RunDir:
 
     @classmethod
     def claim_existing(cls, path: str) -> "RunDir":
-        """The directory of a run to continue (--resume, a probe's features), as it is."""
+        """The directory of a run to continue (--resume, a probe's features)."""
         return cls(os.fspath(path), created=False, new=False)
 
     def release(self, keep_lock_file: bool = True) -> None:
@@ -1291,8 +1220,7 @@ class RunDir:
 
 
 def _lock(path: str, run_dir: str):
-    """Opens `path` and takes an exclusive flock on it -> the open file, holding our pid; a
-    directory that another live process holds is a MixerError naming that process."""
+    """-> `path` opened, flocked and holding our pid; MixerError naming the process holding it."""
     try:
         f = open(path, "a+")
     except OSError as e:
@@ -1317,8 +1245,7 @@ def _lock(path: str, run_dir: str):
 
 
 def _flock(f, path: str) -> bool:
-    """Whether this process now holds the lock on the file `path` (also where the filesystem
-    has no locks, like Windows: then nothing is locked)."""
+    """Whether this process now holds the lock on the file `path` (True where there are none)."""
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1338,8 +1265,7 @@ def _flock(f, path: str) -> bool:
 
 
 def _make_parent(path: str) -> None:
-    """Creates the folders above `path`, one by one: os.makedirs recurses once per missing
-    folder, a RecursionError for a deep --out."""
+    """Creates the folders above `path` one by one (os.makedirs recurses: RecursionError)."""
     parent, missing = os.path.dirname(os.path.abspath(path)), []
     while not os.path.isdir(parent) and parent != os.path.dirname(parent):
         parent, name = os.path.split(parent)
@@ -1370,14 +1296,8 @@ def _make_dir(path: str) -> bool:
 
 
 class _StopRequest:
-    """SIGINT, SIGTERM and SIGHUP while train() runs.
-
-    Before training starts (imports, scanning, loading) a signal stops at once: Ctrl-C raises
-    KeyboardInterrupt, SIGTERM/SIGHUP mixer.Terminated (there is nothing to save yet). Once
-    training runs, the first one only sets `requested`: the loop finishes its step, saves and
-    stops. Any later one, up to the end of train(), raises KeyboardInterrupt at once: the last
-    saved state stays, and mixer.run_main makes it exit status 130.
-    """
+    """SIGINT, SIGTERM and SIGHUP: before training they stop at once; once it runs, the first
+    sets `requested` (the loop saves and stops after its step), a second stops at once."""
 
     def __enter__(self):
         self.training = self.requested = False
@@ -1416,8 +1336,7 @@ class TrainResult:
 
 
 class Console:
-    """What a run prints on stderr: messages, and a progress line that a terminal shows
-    rewritten in place (kept when `keep`, e.g. with an evaluation) and a log gets line by line."""
+    """What a run prints on stderr: messages, and a progress line."""
 
     def __init__(self, enabled: bool):
         self.enabled, self.tty, self.open = enabled, enabled and sys.stderr.isatty(), False
@@ -1425,8 +1344,6 @@ class Console:
     def say(self, message: str) -> None:
         """One message line, escaped (mixer.printable)."""
         if self.enabled:
-            # file and folder names from the dataset come through here: escaped, so that a name
-            # cannot send the terminal escape sequences or break the line
             print(("\n" if self.open else "") + f"train: {mixer.printable(message)}",
                   file=sys.stderr, flush=True)
             self.open = False
@@ -1457,11 +1374,8 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
           val_fraction=None, seed=None, eval_every=None, log_every=None, workers=None,
           decode_cache_mib=None, memory_budget=None, dtype=None, stop_after=None,
           quiet=False) -> TrainResult:
-    """Fine-tunes (or trains from scratch) and writes the run directory; see the module doc.
-
-    Arguments are the command line's; None means the default (DEFAULTS). stop_after=k stops
-    after step k exactly as Ctrl-C would (state saved, result.interrupted), for tests.
-    """
+    """Fine-tunes (or trains from scratch) into a run directory. Arguments are the command
+    line's, None the default (DEFAULTS); stop_after=k stops after step k as Ctrl-C would."""
     given = {k: v for k, v in locals().items()
              if v is not None and v is not False and k not in ("resume", "out", "stop_after",
                                                                 "quiet")}
@@ -1497,10 +1411,9 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
 
         xp = get_backend(settings["backend"])
         settings["backend"] = xp.name
-        # Only rank 0 writes, so only rank 0 owns the directory. A --resume read the state
-        # before taking the lock (the backend, which says the rank, is a saved setting): if a
-        # run that held the directory ended meanwhile, what was read is a complete earlier
-        # state (states are replaced atomically), which resumes to the same result.
+        # Only rank 0 writes, so only rank 0 owns the directory. --resume read the state before
+        # the lock (the backend is a saved setting): a complete earlier state (replaced
+        # atomically), which resumes to the same result.
         if xp.rank == 0:
             owner = RunDir.claim_existing(run_dir) if resume else RunDir.claim_new(out)
             cleanup.callback(owner.release)
@@ -1516,12 +1429,12 @@ def train(data_dir=None, weights=None, variant=None, backend=None, image_size=No
 
 def _check_values(settings: dict) -> None:
     """Refuses settings out of range, in the words of the command line."""
-    for k in ("batch_size", "accum_steps", "steps", "log_every", "eval_every", "workers",
-              "image_size", "patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim",
+    for k in ("shots", "batch_size", "accum_steps", "steps", "log_every", "eval_every",
+              "workers", "image_size", "patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim",
               "channels_mlp_dim"):
         if settings.get(k) is not None and settings[k] < 1:
             raise MixerError(f"--{k.replace('_', '-')} must be at least 1, got {settings[k]}")
-    for k in ("lr", "epochs", "memory_budget"):
+    for k in ("l2", "lr", "epochs", "memory_budget"):
         if settings.get(k) is not None and not (math.isfinite(settings[k]) and settings[k] > 0):
             raise MixerError(f"--{k.replace('_', '-')} must be a finite positive number, got "
                              f"{settings[k]}")
@@ -1537,9 +1450,8 @@ def _check_values(settings: dict) -> None:
 
 
 def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) -> TrainResult:
-    """The training loop: one optimizer step per global batch, a metrics record every
-    --log-every steps, an evaluation (and a checkpoint) every --eval-every, a checkpoint at a
-    stop request."""
+    """The training loop: a step per batch, a record every --log-every steps, an evaluation and
+    a checkpoint every --eval-every, a checkpoint at a stop request."""
     run = Run(xp, s, run_dir, info, saved_arrays, console, pool)
     steps, interrupted = s["steps"], False
     batches = run.loader.batches(run.step + 1, s["batch_size"], xp.rank, xp.size)
@@ -1572,27 +1484,23 @@ def _run(xp, s, run_dir, info, saved_arrays, stop_after, console, pool, stop) ->
 
 
 class Run:
-    """One training run's state, and the parts of the loop that _run names: a new run's model
-    (build_model) or a resumed one's (load_state), the trainer, the loader, the sums behind the
-    next metrics record, the best validation top-1 so far."""
+    """One training run's state (model, trainer, loader, the sums behind the next record, the
+    best val top-1) and the parts of the loop that _run names."""
 
     def __init__(self, xp, s, run_dir, info, saved_arrays, console, pool):
         self.xp, self.s, self.run_dir, self.say, self.console = xp, s, run_dir, console.say, console
         self.classes, self.train_split, self.val_split = scan(s["data_dir"], s["val_fraction"],
                                                               s["seed"], pool, self.say)
         self.digest = _digest(s["data_dir"], self.train_split)
-        if info is None:
-            params, momentum = self._new_model()
-        else:
-            params, momentum = self._resumed_model(info, saved_arrays)
-        micro, accum, memory_line = plan_micro_batches(xp, self.config, s)
-        self.micro, self.accum = micro, accum
+        params, momentum = (self._new_model() if info is None
+                            else self._resumed_model(info, saved_arrays))
+        self.micro, self.accum, memory_line = plan_micro_batches(xp, self.config, s)
         mixer.get_ops(xp.name, s["dtype"])  # a device that cannot compute the dtype says so here
         self.resize = (self.preprocessing or mixer.DEFAULT_PREPROCESSING).get("resize", "crop")
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if xp.rank == 0:
             _truncate_metrics(run_dir, self.metrics_path, self.step)
-        self.trainer = Trainer(xp, self.config, params, momentum, accum, s["dtype"],
+        self.trainer = Trainer(xp, self.config, params, momentum, self.accum, s["dtype"],
                                tuple(info["loss_scale"]) if info and "loss_scale" in info
                                else None)
         self.cache = DecodeCache(s["decode_cache_mib"] * 2**20)
@@ -1600,8 +1508,7 @@ class Run:
                              self.resize, s["augment"], s["seed"], pool, self.say, self.cache)
         self.pool, self.plots = pool, True
         self.val_top1 = info.get("val_top1") if info else None
-        # sums since the last metrics record; saved with the state so that a resumed run logs
-        # the same records (the timing restarts)
+        # sums since the last record, saved so that a resumed run logs the same records
         self.window = info["window"] if info else {"loss": 0.0, "grad_norm": 0.0, "n": 0}
         self.timed = {"time": 0.0, "n": 0}
         self.start_step = self.step
@@ -1650,9 +1557,7 @@ class Run:
             self.say("no validation set: best.safetensors will not be written")
 
     def train_step(self, x: np.ndarray, onehot: np.ndarray, lr: float) -> tuple[float, float]:
-        """One optimizer step on the global batch's share of this process, in micro-batches.
-        A float16 step whose gradient overflowed changed nothing (Trainer); one that overflows
-        at a loss scale below LOSS_SCALE_MIN overflows unscaled: float16 cannot train it."""
+        """One optimizer step on this process's share of the batch, in micro-batches."""
         micro, trainer = self.micro, self.trainer
         for i in range(self.accum):
             trainer.accumulate(x[i * micro:(i + 1) * micro], onehot[i * micro:(i + 1) * micro])
@@ -1667,20 +1572,18 @@ class Run:
         if trainer.skipped:
             self.say(f"step {self.step}: the float16 gradient overflowed, step skipped; loss "
                      f"scale now {trainer.loss_scale:g}")
-        # A non-finite gradient norm makes the parameters NaN (clipping divides by it): the
-        # run has diverged as surely as with a non-finite loss, and metrics.jsonl stays JSON.
+        # a non-finite gradient norm makes the parameters NaN (clipping divides by it)
         elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise MixerError(f"the training diverged at step {self.step} (loss {loss}, gradient "
                              f"norm {grad_norm}): start again with a lower --lr")
         return loss, grad_norm
 
     def tally(self, loss: float, grad_norm: float, seconds: float) -> None:
-        """Adds a step to the sums behind the next record (a skipped step's means are not the
-        run's) and to the timing."""
+        """Adds a step to the sums behind the next record (unless skipped) and to the timing."""
+        w = self.window
         if not self.trainer.skipped:
-            self.window = {"loss": self.window["loss"] + loss,
-                           "grad_norm": self.window["grad_norm"] + grad_norm,
-                           "n": self.window["n"] + 1}
+            self.window = {"loss": w["loss"] + loss, "grad_norm": w["grad_norm"] + grad_norm,
+                           "n": w["n"] + 1}
         self.timed = {"time": self.timed["time"] + seconds, "n": self.timed["n"] + 1}
 
     def shown(self) -> tuple[float, float, float]:
@@ -1708,15 +1611,11 @@ class Run:
         if self.best is None or self.val_top1 > self.best:
             self.best, self.best_step = self.val_top1, self.step
             if self.xp.rank == 0:
-                self.model().save(os.path.join(self.run_dir, "best.safetensors"),
-                                  source=f"train.py: {self.source} trained on "
-                                         f"{self.s['data_dir']}, step {self.step}, val top-1 "
-                                         f"{self.val_top1:.4f}")
+                self._save("best.safetensors", f", val top-1 {self.val_top1:.4f}")
         return self.val_top1
 
     def log(self, record: dict, evaluating: bool) -> None:
-        """Appends the record to metrics.jsonl and, at an evaluation, redraws curves.png: a
-        picture that cannot be drawn is one line, and training goes on."""
+        """Appends the record to metrics.jsonl and, at an evaluation, redraws curves.png."""
         if self.xp.rank != 0:
             return
         _append_jsonl(self.metrics_path, record)
@@ -1734,8 +1633,7 @@ class Run:
             self.say(NO_PLOTS.format("curves.png"))
 
     def progress(self, lr: float, record: dict | None, evaluating: bool) -> None:
-        """The progress line: after the first step of the process (a CPU may take minutes per
-        step), then at every record; metrics.jsonl keeps its --log-every schedule."""
+        """The progress line: after the first step (a CPU may take minutes), then at records."""
         if record is None and self.step != self.start_step + 1:
             return
         if record is not None:
@@ -1754,14 +1652,16 @@ class Run:
         return mixer.Mixer(self.config, self.trainer.numpy("params"), backend="numpy",
                            labels=self.classes, preprocessing=self.preprocessing)
 
+    def _save(self, name: str, note: str = "") -> None:
+        self.model().save(os.path.join(self.run_dir, name), source=f"train.py: {self.source} "
+                          f"trained on {self.s['data_dir']}, step {self.step}{note}")
+
     def checkpoint(self) -> None:
         """last.safetensors and the state that --resume continues from (rank 0 writes)."""
         if self.xp.rank != 0:
             return
         s, step, n = self.s, self.step, len(self.train_split.files)
-        self.model().save(os.path.join(self.run_dir, "last.safetensors"),
-                          source=f"train.py: {self.source} trained on {s['data_dir']}, step "
-                                 f"{step}")
+        self._save("last.safetensors")
         position = step * s["batch_size"]
         save_state(os.path.join(self.run_dir, STATE_FILE), self.trainer, {
             "version": STATE_VERSION, "step": step, "settings": s, "classes": self.classes,
@@ -1775,8 +1675,7 @@ class Run:
                               "stream position p by (seed, 1, p) (numpy default_rng)"}})
 
     def say_end(self, interrupted: bool) -> None:
-        """The last line: the weights file that exists (best.safetensors only after an
-        evaluation), and how to continue a stopped run."""
+        """The last line: the weights file to use, and how to continue a stopped run."""
         last = os.path.join(self.run_dir, "last.safetensors")
         best_file = os.path.join(self.run_dir, "best.safetensors")
         if interrupted:
@@ -1813,9 +1712,8 @@ def whiten(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 
 def ridge_solutions(x: np.ndarray, y: np.ndarray, l2s) -> list[np.ndarray]:
-    """argmin_W |XW - Y|² + λ|W|² for each λ in l2s, from one eigendecomposition: of XᵀX when
-    N >= D, W = (XᵀX + λI)⁻¹XᵀY, else of XXᵀ, W = Xᵀ(XXᵀ + λI)⁻¹Y; either way
-    W = lhs · diag(1 / (eigs + λ)) · rhs."""
+    """argmin_W |XW - Y|² + λ|W|² for each λ in l2s, from one eigendecomposition (of XᵀX, or of
+    XXᵀ when N < D): W = lhs · diag(1 / (eigs + λ)) · rhs."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) >= x.shape[1]:
         eigs, q = np.linalg.eigh(x.T @ x)
@@ -1837,9 +1735,8 @@ class ProbeFit:
 
 
 def fit_probe(features, labels, num_classes: int, l2s, val=None) -> ProbeFit:
-    """The closed-form fit of features (N, D) to labels, targets 2·onehot - 1, λ the one of
-    l2s with the best top-1 on val = (features, labels) (a tie goes to the larger λ), or l2s[0]
-    when there is no val."""
+    """The fit of features (N, D) to targets 2·onehot - 1 at the λ of l2s with the best top-1 on
+    val = (features, labels) (ties: the larger), or l2s[0] without val."""
     features = np.asarray(features, np.float64)
     mean, std = features.mean(axis=0), features.std(axis=0)
     ws = ridge_solutions(whiten(features, mean, std), 2 * one_hot(labels, num_classes) - 1, l2s)
@@ -1852,9 +1749,7 @@ def fit_probe(features, labels, num_classes: int, l2s, val=None) -> ProbeFit:
 
 
 def fold_head(fit: ProbeFit) -> tuple[np.ndarray, np.ndarray]:
-    """(head/kernel, head/bias) for raw pre-logits f such that f @ kernel + bias equals
-    whiten(f) @ W: kernel = W[:D] / s, bias = 100·W[D] - (mean / s) @ W[:D], s = std + 1e-5
-    (the whitening's own denominator, so that the fold is exact)."""
+    """(head/kernel, head/bias) such that f @ kernel + bias == whiten(f) @ W, exactly."""
     s = fit.std + WHITEN_EPS
     kernel = fit.w[:-1] / s[:, None]
     bias = BIAS_FEATURE * fit.w[-1] - (fit.mean / s) @ fit.w[:-1]
@@ -1862,10 +1757,8 @@ def fold_head(fit: ProbeFit) -> tuple[np.ndarray, np.ndarray]:
 
 
 def preprocessed_batches(model: mixer.Mixer, files: list[str], batch_size: int):
-    """Yields, batch_size files at a time: (the indices of the files that decoded, their images
-    stacked (or None), the indices of those that did not). The images are mixer.preprocess's at
-    the model's size and resize, decoded ahead in threads (mixer.decode_ahead, as classify does)
-    while the model runs."""
+    """Yields (indices of the files that decoded, their images stacked or None, indices of those
+    that did not), decoded ahead in threads as Mixer.classify does, batch_size files at a time."""
     size, resize = model.config.image_size, model.preprocessing.get("resize", "crop")
     decode = functools.partial(mixer.preprocess, size=size, resize=resize)
     with contextlib.closing(mixer.decode_ahead(files, batch_size, decode)) as batches:
@@ -1877,8 +1770,7 @@ def preprocessed_batches(model: mixer.Mixer, files: list[str], batch_size: int):
 
 def extract_features(model: mixer.Mixer, files: list[str], batch_size: int, progress,
                      what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logits of `files` (preprocessed_batches). -> (features (N, D) float32, ok (N,) bool:
-    False where a file could not be decoded, e.g. changed or damaged since the scan)."""
+    """-> (pre-logits (N, D) float32, ok (N,) bool: False where a file could not be decoded)."""
     n = len(files)
     features = np.zeros((n, model.config.hidden_dim), np.float32)
     ok = np.zeros(n, bool)
@@ -1902,8 +1794,8 @@ def _file_digest(path: str) -> str:
 
 
 def _probe_features(run_dir, key, model, splits, batch_size, console) -> dict:
-    """{split name: (features, ok)}, read from RUN_DIR/features.safetensors when it was made
-    with the same weights, images and preprocessing (`key`), else extracted and saved there."""
+    """{split name: (features, ok)}, from RUN_DIR/features.safetensors if made under `key`, else
+    extracted and saved there."""
     path = os.path.join(run_dir, FEATURES_FILE)
     if os.path.exists(path):
         try:
@@ -1939,18 +1831,12 @@ class ProbeResult:
 def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
                  val_fraction=None, out=None, backend=None, workers=None, batch_size=None,
                  quiet=False) -> ProbeResult:
-    """Fits the paper's linear probe on the frozen pre-logits of `weights` (any backend; the
-    default one when None) and writes RUN_DIR/best.safetensors: the same backbone with the
-    fitted head and the class names. The features are kept in RUN_DIR/features.safetensors: a
-    later probe with the same --out, the same weights and the same image files (names, labels,
-    sizes, times, inodes) fits again without extracting them (another --l2 or --shots)."""
+    """Fits the paper's linear probe on the frozen pre-logits of `weights` and writes
+    RUN_DIR/best.safetensors (the backbone with the fitted head) and probe.json (README)."""
     if data_dir is None or weights is None:
         raise MixerError("--linear-probe needs DATA_DIR and --weights FILE (the frozen model)")
-    if l2 is not None and not (math.isfinite(l2) and l2 > 0):
-        raise MixerError(f"--l2 must be a finite positive number, got {l2}")
-    if shots is not None and shots < 1:
-        raise MixerError(f"--shots must be at least 1, got {shots}")
-    _check_values({"seed": seed, "workers": workers, "batch_size": batch_size})
+    _check_values({"l2": l2, "shots": shots, "seed": seed, "workers": workers,
+                   "batch_size": batch_size})
     seed = 0 if seed is None else seed
     with _StopRequest(), contextlib.ExitStack() as cleanup:
         owner = _claim_probe_dir(out)
@@ -1966,8 +1852,7 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
             _check_shots(shots, train_split.labels, classes)
         model = mixer.load(weights, backend=backend)
         splits = {"train": train_split, **({"val": val_split} if val_split else {})}
-        # everything the features depend on: a file rewritten, replaced or renamed over another
-        # changes its signature (as for the decode cache), so stale features are never reused
+        # everything the features depend on, each image's signature included
         key = {"weights": _file_digest(weights), "image_size": model.config.image_size,
                "resize": model.preprocessing.get("resize", "crop"), "backend": model.backend,
                **{name: _digest(data_dir, split, signatures=True)
@@ -1996,8 +1881,7 @@ def linear_probe(data_dir=None, weights=None, l2=None, shots=None, seed=None,
 
 
 def _fit_draws(found, train_split, val_split, classes, l2, shots, seed):
-    """-> (the fits, one per draw (PROBE_SEEDS of them with --shots), the labels of the
-    training images that decoded, (val features, val labels) or None)."""
+    """-> (a fit per draw, the labels of the training images that decoded, val or None)."""
     keep = found["train"][1]
     features, labels = found["train"][0][keep], train_split.labels[keep]
     val = None
@@ -2019,10 +1903,8 @@ def _fit_draws(found, train_split, val_split, classes, l2, shots, seed):
 
 
 def _save_probe(model, weights, fit, classes, run_dir) -> mixer.Mixer:
-    """RUN_DIR/best.safetensors: the backbone, bit for bit, with the folded head. A quantised
-    file's kernels are taken as it stores them (packed values, scales and biases, under the
-    names its `mixer.quantization` metadata lays out) and saved again with its bits and group
-    size, which keeps them as they are."""
+    """RUN_DIR/best.safetensors: the backbone bit for bit (a quantised file's kernels as it
+    stores them, saved again with its bits and group size) with the folded head."""
     q = model.quantization
     if q is None:
         params = model.numpy_params()
@@ -2067,8 +1949,7 @@ def _check_shots(shots: int, labels: np.ndarray, classes: list[str]) -> None:
 
 
 def _claim_probe_dir(out) -> RunDir:
-    """An earlier probe's RUN_DIR (it holds features, and no training state) is taken again, to
-    reuse its features; anything else is claimed as a new run's."""
+    """An earlier probe's RUN_DIR (features, no training state) again, else a new one."""
     if out is not None and os.path.isdir(out):
         names = set(os.listdir(out))
         if FEATURES_FILE in names and STATE_FILE not in names:
@@ -2076,26 +1957,9 @@ def _claim_probe_dir(out) -> RunDir:
     return RunDir.claim_new(out)
 
 
-# Options that mean something to --linear-probe; any other is refused with it.
-PROBE_OPTIONS = {"data_dir", "weights", "l2", "shots", "seed", "val_fraction", "out", "backend",
-                 "workers", "batch_size"}
-
-
-def _probe_main(options: dict) -> int:
-    other = sorted(k for k, v in options.items() if k not in PROBE_OPTIONS and v not in
-                   (None, False))
-    if other:
-        raise MixerError(f"--linear-probe fits a head on frozen features: "
-                         f"--{other[0].replace('_', '-')} does not apply to it")
-    linear_probe(**{k: v for k, v in options.items() if k in PROBE_OPTIONS})
-    return 0
-
-
 # --------------------------------------------------------------------------------------------
-# Charts: RUN_DIR/curves.png (redrawn at each evaluation) and --eval-only's confusion.png, drawn
-# by matplotlib where it is installed (pip install "mlp-mixer-edge[plots]"); without it a run
-# says so once and draws nothing. A Figure on its own Agg canvas, not pyplot: nothing
-# process-wide (the backend, rcParams, open figures) is touched.
+# Charts, by matplotlib where it is installed: a Figure on its own Agg canvas, not pyplot, so
+# that nothing process-wide (the backend, rcParams, open figures) is touched.
 
 NO_PLOTS = 'matplotlib is not installed: no {} (pip install "mlp-mixer-edge[plots]" draws it)'
 CURVES_COLOURS = {"loss": "#1f77b4", "lr": "#ff7f0e", "val": "#2ca02c"}
@@ -2123,8 +1987,8 @@ def save_figure(figure, path: str) -> None:
 
 
 def draw_curves(records: list[dict]):
-    """metrics.jsonl's records as a Figure (None without matplotlib): the training loss and the
-    learning rate (its axis on the right) above, the validation top-1 below, against steps."""
+    """metrics.jsonl's records as a Figure (None without matplotlib): loss and lr above, the
+    val top-1 below, against steps."""
     figure = new_figure(CURVES_INCHES)
     if figure is None:
         return None
@@ -2148,8 +2012,7 @@ def draw_curves(records: list[dict]):
 
 
 def draw_confusion(matrix: np.ndarray, names: list[str], title: str):
-    """The confusion matrix as a Figure (None without matplotlib): true classes down, predicted
-    ones along, each cell coloured by its share of its row (white 0, dark blue 1)."""
+    """The confusion matrix as a Figure (None without matplotlib), cells by their row share."""
     n = len(names)
     figure = new_figure((max(4.0, 2.5 + 0.2 * n), max(3.5, 2.0 + 0.2 * n)))
     if figure is None:
@@ -2173,8 +2036,7 @@ def draw_confusion(matrix: np.ndarray, names: list[str], title: str):
 
 def train_throughput(backend: str, variant: str = "S/32", batch_size: int = 32, steps: int = 10,
                      image_size: int = 224, num_classes: int = 1000) -> float:
-    """Images/s of full training steps (forward, backward, clipped momentum SGD) on random
-    data already in memory, after warm-up steps that compile."""
+    """Images/s of full training steps on random data in memory, after compiling ones."""
     xp = get_backend(backend)
     config = dataclasses.replace(mixer.VARIANTS[variant], num_classes=num_classes,
                                  image_size=image_size)
@@ -2200,9 +2062,7 @@ EVAL_BATCH = 32  # images per forward (Mixer.classify's default)
 
 
 def eval_folder(data_dir: str) -> str:
-    """The folder whose class sub-folders are scored: DATA_DIR/val if there is one (a training
-    layout), else DATA_DIR/train (then the training images are scored, said on stderr), else
-    DATA_DIR itself (e.g. an ImageNet validation folder of WordNet id folders)."""
+    """The folder of class folders that is scored: DATA_DIR/val, else /train, else DATA_DIR."""
     if not os.path.isdir(data_dir):
         raise MixerError(f"{data_dir} is not a directory: give a folder of class folders")
     for split in ("val", "train"):
@@ -2212,8 +2072,7 @@ def eval_folder(data_dir: str) -> str:
 
 
 def _loose(name: str) -> str:
-    """A class name compared without case, underscores or repeated spaces ("Golden_retriever"
-    finds "golden retriever")."""
+    """A class name without case, underscores or repeated spaces."""
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
@@ -2227,12 +2086,8 @@ def imagenet1k_wnids() -> list[str] | None:
 
 
 def match_classes(folders: list[str], labels: list[str], wnids: list[str] | None = None):
-    """Class folders -> the model's classes: ({folder: class index}, {folder: why not}).
-
-    A folder matches the class of the same name; failing that, the one name equal to it up to
-    case, underscores and spaces; failing that, with `wnids` (a 1000-class head, which is in
-    ILSVRC-2012 order), a WordNet id folder (n01440764) matches its rank among the sorted ids.
-    A name that several classes share (ImageNet's two "crane"s) matches none of them."""
+    """Class folders -> ({folder: class index}, {folder: why not}): by name, else loosely (_loose),
+    else as a WordNet id among `wnids`; a name that several classes share matches none."""
     tables = [{}, {}]
     for i, label in enumerate(labels):
         tables[0].setdefault(label, []).append(i)
@@ -2267,8 +2122,7 @@ class EvalResult:
 
 def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
                      quiet=False) -> EvalResult:
-    """Scores a weights file on DATA_DIR's labelled images (see eval_folder and match_classes)
-    and writes RUN_DIR/eval.json and RUN_DIR/confusion.png; prints a summary on stdout."""
+    """Scores a weights file on DATA_DIR's labelled images; writes eval.json and confusion.png."""
     if data_dir is None or weights is None:
         raise MixerError("--eval-only scores --weights FILE on DATA_DIR: give both")
     batch_size = mixer.positive_int(EVAL_BATCH if batch_size is None else batch_size,
@@ -2291,11 +2145,7 @@ def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
                          f"{', '.join(repr(x) for x in labels[:3])})")
     for name, why in unmatched.items():
         console.say(f"skipping {os.path.join(folder, name)}: {why}")
-    files, truth = [], []
-    for name, c in matched.items():
-        paths = _class_files(os.path.join(folder, name))
-        files += paths
-        truth += [c] * len(paths)
+    files, truth = _labelled_files(folder, matched)
     if not files:
         raise MixerError(f"the matched class folders of {folder} hold no files")
 
@@ -2315,9 +2165,7 @@ def evaluate_weights(data_dir, weights, backend=None, out=None, batch_size=None,
 
 
 def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -> EvalResult:
-    """Classifies every file as Mixer.classify does (the weights file's preprocessing, decoding
-    threads, the classes ranked by logit) and counts; unreadable files are reported and left
-    out."""
+    """Classifies every file as Mixer.classify does and counts; unreadable ones are left out."""
     k = min(5, model.config.num_classes)
     start = time.perf_counter()
     top, bad, done = np.zeros((len(files), k), np.int64), [], 0
@@ -2344,10 +2192,8 @@ def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -
     row = {c: j for j, c in enumerate(classes)}
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(confusion, ([row[c] for c in truth], [row[c] for c in top[:, 0]]), 1)
-    folders_of = {}
-    for name, c in matched.items():
-        folders_of.setdefault(c, []).append(name)
-    per_class = [{"index": c, "label": labels[c], "folders": folders_of[c],
+    per_class = [{"index": c, "label": labels[c],
+                  "folders": [name for name, m in matched.items() if m == c],
                   "images": int((truth == c).sum()), "correct": int(hit1[truth == c].sum()),
                   "top1": float(hit1[truth == c].mean())}
                  for c in sorted(set(truth.tolist()))]
@@ -2362,8 +2208,7 @@ def _score(model, files, truth, labels, matched, batch_size, console, run_dir) -
 
 
 def _write_eval(result: EvalResult, labels) -> bool:
-    """Writes confusion.png (-> False without matplotlib), then eval.json: the file that makes
-    the run saved (RunDir.release)."""
+    """Writes confusion.png (-> False without matplotlib), then eval.json (the saved file)."""
     matrix, names, note = result.confusion, [labels[c] for c in result.classes], ""
     if len(names) > CONFUSION_MAX:
         # the classes with the most errors, as true or as predicted class, in class order
@@ -2467,16 +2312,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _eval_only(args) -> int:
-    """--eval-only: the options that apply to an evaluation, the others refused."""
-    applies = {"data_dir", "weights", "out", "backend", "batch_size", "eval_only"}
-    for k, v in vars(args).items():
+# The options that mean something to --linear-probe and to --eval-only; any other is refused.
+PROBE_OPTIONS = {"data_dir", "weights", "l2", "shots", "seed", "val_fraction", "out", "backend",
+                 "workers", "batch_size"}
+EVAL_OPTIONS = {"data_dir", "weights", "out", "backend", "batch_size"}
+
+
+def _only(options: dict, applies: set, refusal: str) -> dict:
+    """The options in `applies`; one given besides is refused (refusal names it at {})."""
+    for k, v in options.items():
         if k not in applies and v is not None and v is not False:
-            raise MixerError(f"--{k.replace('_', '-')} does not apply to --eval-only (which "
-                             f"takes DATA_DIR, --weights, --out, --backend and --batch-size)")
-    evaluate_weights(args.data_dir, args.weights, backend=args.backend, out=args.out,
-                     batch_size=args.batch_size)
-    return 0
+            raise MixerError(refusal.format(f"--{k.replace('_', '-')}"))
+    return {k: v for k, v in options.items() if k in applies}
 
 
 def main(argv=None) -> int:
@@ -2490,9 +2337,14 @@ def main(argv=None) -> int:
             if any(v is not None and v is not False for v in probe.values()):
                 raise MixerError("--eval-only scores a weights file as it is: drop --linear-probe, "
                                  "--l2 and --shots (or run the probe, then evaluate its result)")
-            return _eval_only(argparse.Namespace(**options, eval_only=True))
+            evaluate_weights(**_only(options, EVAL_OPTIONS, "{} does not apply to --eval-only "
+                                     "(which takes DATA_DIR, --weights, --out, --backend and "
+                                     "--batch-size)"))
+            return 0
         if probe.pop("linear_probe"):
-            return _probe_main({**options, **probe})
+            linear_probe(**_only({**options, **probe}, PROBE_OPTIONS, "--linear-probe fits a "
+                                 "head on frozen features: {} does not apply to it"))
+            return 0
         if any(v is not None for v in probe.values()):
             raise MixerError("--l2 and --shots go with --linear-probe")
         return 130 if train(**options).interrupted else 0
