@@ -180,13 +180,20 @@ def test_interface_and_metadata(files):
     assert meta["mixer.dtype"] == "float32" and "mixer.quantization" not in meta
 
 
-def test_labels_and_no_head(tmp_path):
+def labelled_export(tmp_path):
+    """(an official-format .npz of a small model, a label file for it, its export with those
+    labels)."""
     labels = tmp_path / "names.txt"
     labels.write_text("".join(f"class {i}\n" for i in range(10)))
     npz = tmp_path / "tiny.npz"
     np.savez(npz, **random_params(SMALL["P4-C16"], seed=0))
     out = tmp_path / "tiny.onnx"
     convert.export_onnx(str(npz), str(out), labels=str(labels))
+    return npz, labels, out
+
+
+def test_labels_and_no_head(tmp_path):
+    npz, labels, out = labelled_export(tmp_path)
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert json.loads(meta["mixer.labels"]) == [f"class {i}" for i in range(10)]
     convert.export_onnx(str(npz), str(out), head=False)  # a feature extractor
@@ -263,12 +270,7 @@ def test_command_line_exports(files, tmp_path):
 def test_example_classifies_with_onnxruntime_alone(tmp_path):
     """examples/onnx_classify.py, run isolated (-I: no PYTHONPATH, so no mixer to import), names
     the classes that Mixer.classify names, with its probabilities."""
-    labels = tmp_path / "names.txt"
-    labels.write_text("".join(f"class {i}\n" for i in range(10)))
-    npz = tmp_path / "tiny.npz"
-    np.savez(npz, **random_params(SMALL["P4-C16"], seed=0))
-    out = tmp_path / "tiny.onnx"
-    convert.export_onnx(str(npz), str(out), labels=str(labels))
+    npz, labels, out = labelled_export(tmp_path)
     image = os.path.join(REPO, "examples", "chelsea.jpg")
     result = subprocess.run([sys.executable, "-I", os.path.join(REPO, "examples", "onnx_classify.py"),
                              str(out), image], capture_output=True, text=True)
@@ -301,7 +303,7 @@ def test_missing_onnx_is_one_line_and_npz_still_converts(tmp_path):
 REFUSALS = {
     "OUT is a folder": (lambda t, f: [f.weights("P4-C16"), t / "folder.onnx"], "is a folder"),
     "OUT under a file": (lambda t, f: [f.weights("P4-C16"), t / "file" / "out.onnx"], "cannot write"),
-    "damaged IN": (lambda t, f: [t / "file", t / "out.onnx"], "file"),
+    "truncated IN": (lambda t, f: [t / "file", t / "out.onnx"], "truncated or corrupt"),
     "opset 16": (lambda t, f: [f.weights("P4-C16"), t / "out.onnx", "--opset", "16"], "from 17"),
     "--opset to safetensors": (lambda t, f: [t / "x.npz", t / "out.safetensors", "--opset", "20"],
                                "goes with an ONNX output"),
@@ -317,7 +319,9 @@ REFUSALS = {
 @pytest.mark.parametrize("kind", sorted(REFUSALS))
 def test_refusals(files, tmp_path, capsys, kind):
     (tmp_path / "folder.onnx").mkdir()
-    (tmp_path / "file").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")  # damaged
+    with open(files.weights("P4-C16"), "rb") as f:
+        data = f.read()
+    (tmp_path / "file").write_bytes(data[:len(data) // 2])  # truncated
     before = sorted(os.listdir(tmp_path))
     args, says = REFUSALS[kind]
     assert convert.main([str(a) for a in args(tmp_path, files)]) == 2
