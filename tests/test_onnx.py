@@ -12,15 +12,15 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx  # the [test] extra installs onnx and onnxruntime: without them these tests fail
+import onnxruntime as ort
 import pytest
 
+import bench
 import convert
 import mixer
 from conftest import REPO, tinygrad_device
 from reference import random_images, random_params, reference_forward
-
-onnx = pytest.importorskip("onnx")  # the [test] extra installs both
-ort = pytest.importorskip("onnxruntime")
 
 TOL = 1e-4  # float32, every runtime against our numpy backend (and the float64 reference)
 SMALL = {  # several patch sizes, hidden sizes and depths, with and without a head
@@ -369,3 +369,16 @@ def test_ctrl_c_while_writing_leaves_nothing(files, tmp_path):
         process.kill()
     assert process.returncode == 130 and err == "convert: interrupted\n"
     assert os.listdir(work) == []
+
+
+def test_bench_runs_onnxruntime_beside_the_backends(tmp_path):
+    """bench.py's onnxruntime row: the same weights exported, timed in the same rounds (the run
+    stops if its logits disagree with numpy's)."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--variants", "S/32", "--backends", "numpy", "--batch-sizes", "1",
+                       "--rounds", "1", "--seconds", "0", "--no-torch", "--no-train", "--no-cli",
+                       "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["onnxruntime"] is True
+    rows = {r["backend"]: r for r in doc["inference"]}
+    assert sorted(rows) == ["numpy", "onnxruntime"] and rows["onnxruntime"]["images_per_s"] > 0
