@@ -243,15 +243,15 @@ class OnnxGraph:
                         self.weight(prefix + "bias"), out=out)
 
     def gelu(self, x: str) -> str:
-        """tanh GELU (flax nn.gelu's default): the op itself from opset 20, else the formula
-        0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), which onnxruntime fuses back into one."""
+        """tanh GELU (flax nn.gelu's default): the op itself from opset 20, else the formula as
+        (0.5 x) (1 + tanh((sqrt(2/pi) x) (1 + 0.044715 x x))), the arrangement that onnxruntime
+        fuses back into one FastGelu kernel (it does not recognise x + 0.044715 x^3)."""
         if self.opset >= GELU_OPSET:
             return self.add("Gelu", x, approximate="tanh")
-        cube = self.add("Mul", self.add("Mul", x, x), x)
-        inner = self.add("Add", x, self.add("Mul", cube, self.number(0.044715)))
-        t = self.add("Tanh", self.add("Mul", inner, self.number(mixer.GELU_C)))
-        return self.add("Mul", self.add("Mul", x, self.number(0.5)),
-                        self.add("Add", t, self.number(1.0)))
+        one = self.number(1.0)
+        inner = self.add("Add", self.add("Mul", self.add("Mul", x, self.number(0.044715)), x), one)
+        t = self.add("Tanh", self.add("Mul", self.add("Mul", x, self.number(mixer.GELU_C)), inner))
+        return self.add("Mul", self.add("Mul", x, self.number(0.5)), self.add("Add", t, one))
 
     def mlp(self, x: str, prefix: str) -> str:
         return self.dense(self.gelu(self.dense(x, prefix + "Dense_0/")), prefix + "Dense_1/")

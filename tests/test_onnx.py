@@ -152,6 +152,16 @@ def test_official_npz_matches_float64_reference(tmp_path, opset):
     assert ("Gelu" in ops) == (opset >= convert.GELU_OPSET) and "LayerNormalization" in ops
 
 
+def test_onnxruntime_fuses_the_gelu_formula(files, tmp_path):
+    """At opset 17 the tanh GELU is written out in the arrangement onnxruntime fuses into its
+    FastGelu kernel: no Tanh is left in the graph it runs."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(files.onnx("P4-C16"), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("FastGelu") == 2 * SMALL["P4-C16"].num_blocks and "Tanh" not in ops
+
+
 @pytest.mark.parametrize("name, opset, dtype", [("P4-C16", 17, "float32"), ("S/32", 17, "float32"),
                                                 ("P8-C32-headless", 20, "float32"),
                                                 ("P4-C16", 17, "float16"), ("S/32", 17, "int4"),
