@@ -21,6 +21,9 @@ error or a signal leaves OUT as it was and no temporary file. What OUT may alrea
 
 The conversion itself is mixer.load_npz, so that a lone copy of mixer.py can do it too (that is
 how `python mixer.py IMAGE --variant B/16` converts its download).
+
+An OUT ending in .onnx exports IN (an .npz or any of our safetensors files) to ONNX instead, for
+onnxruntime, TensorRT or tinygrad's ONNX runner (export_onnx; needs the onnx package).
 """
 
 import argparse
@@ -137,7 +140,7 @@ def export_onnx(weights: str, output: str, dtype: str = "float32", opset: int = 
                                f"to {newest} (this onnx package's newest), got {opset!r}")
     if dtype not in ONNX_DTYPES:
         raise mixer.MixerError(f"an ONNX export computes in {' or '.join(ONNX_DTYPES)}, not "
-                               f"{dtype!r}: an int8/int4 safetensors file exports quantised as it is")
+                               f"{dtype!r}; an int8/int4 .safetensors file exports quantised")
     check_output(weights, output)
     model = mixer.load(weights, backend="numpy")
     if model.quantization and dtype != "float32":
@@ -146,7 +149,7 @@ def export_onnx(weights: str, output: str, dtype: str = "float32", opset: int = 
     if labels not in (None, "auto"):
         model.labels = mixer.find_labels(labels, model.config.num_classes)
     head = head and model.config.num_classes is not None
-    graph = OnnxGraph(onnx, model.params, dtype, opset)
+    graph = _OnnxGraph(onnx, model.params, dtype, opset)
     proto = graph.model(model.config, head, _onnx_metadata(model, head, dtype))
     try:
         data = proto.SerializeToString()
@@ -171,7 +174,7 @@ def _onnx_metadata(model: mixer.Mixer, head: bool, dtype: str) -> dict[str, str]
     return metadata
 
 
-class OnnxGraph:
+class _OnnxGraph:
     """Builds the ONNX graph of a Mixer from its numpy-backend params, node by node; every
     method returns the name of the value it made."""
 
@@ -182,11 +185,13 @@ class OnnxGraph:
         self.nodes, self.initializers, self.numbers = [], [], set()
 
     def add(self, op: str, *inputs: str, out: str | None = None, **attributes) -> str:
+        """A node op(inputs) with its attributes; out names its output (else a fresh name)."""
         out = out or f"{op}_{len(self.nodes)}"
         self.nodes.append(self.onnx.helper.make_node(op, list(inputs), [out], **attributes))
         return out
 
     def const(self, name: str, value) -> str:
+        """An initialiser holding the array value as it is (its dtype kept)."""
         self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
         return name
 
@@ -199,11 +204,14 @@ class OnnxGraph:
         return name
 
     def cast(self, x: str, half: bool) -> str:
+        """x cast to float16 (half) or float32."""
         to = self.onnx.TensorProto.FLOAT16 if half else self.onnx.TensorProto.FLOAT
         return self.add("Cast", x, to=to)
 
     def reshape(self, x: str, shape) -> str:
-        return self.add("Reshape", x, self.const(f"shape_{len(self.nodes)}", np.array(shape, np.int64)))
+        """x reshaped to the constant shape (-1: the batch)."""
+        shape = self.const(f"shape_{len(self.nodes)}", np.array(shape, np.int64))
+        return self.add("Reshape", x, shape)
 
     def weight(self, name: str) -> str:
         """params[name] in the compute type: float16 initialisers in half; a quantised model's
@@ -239,6 +247,7 @@ class OnnxGraph:
         return self.add("Transpose", m, perm=[1, 0]) if w["layout"] == "out_in" else m
 
     def dense(self, x: str, prefix: str, out: str | None = None) -> str:
+        """x @ kernel + bias, the Dense layer named prefix."""
         return self.add("Add", self.add("MatMul", x, self.weight(prefix + "kernel")),
                         self.weight(prefix + "bias"), out=out)
 
@@ -254,15 +263,15 @@ class OnnxGraph:
         return self.add("Mul", self.add("Mul", x, self.number(0.5)), self.add("Add", t, one))
 
     def mlp(self, x: str, prefix: str) -> str:
+        """MlpBlock: Dense_1(gelu(Dense_0(x))) over the last axis."""
         return self.dense(self.gelu(self.dense(x, prefix + "Dense_0/")), prefix + "Dense_1/")
 
     def layer_norm(self, x: str, prefix: str, half_out: bool = True) -> str:
         """LayerNormalization over the channels, eps 1e-6, in float32 whatever the compute type
         (scale and bias float32 too); the result in half when computing in half."""
         x = self.cast(x, half=False) if self.half else x
-        y = self.add("LayerNormalization", x, self.const(prefix + "scale", self.params[prefix + "scale"]),
-                     self.const(prefix + "bias", self.params[prefix + "bias"]), axis=-1,
-                     epsilon=mixer.LN_EPS)
+        scale, bias = (self.const(prefix + k, self.params[prefix + k]) for k in ("scale", "bias"))
+        y = self.add("LayerNormalization", x, scale, bias, axis=-1, epsilon=mixer.LN_EPS)
         return self.cast(y, half=True) if self.half and half_out else y
 
     def block(self, x: str, prefix: str) -> str:
@@ -289,13 +298,13 @@ class OnnxGraph:
         axes = {"axes": [1]} if self.opset < 18 else {}  # an input from opset 18
         inputs = [x] + ([self.const("token_axis", np.array([1], np.int64))] if not axes else [])
         features = self.add("ReduceMean", *inputs, keepdims=0, out="pre_logits", **axes)
-        outputs = [helper.make_tensor_value_info("pre_logits", tp.FLOAT, ["batch", config.hidden_dim])]
-        if head:
+        outputs = [helper.make_tensor_value_info("pre_logits", tp.FLOAT,
+                                                 ["batch", config.hidden_dim])]
+        if head:  # in half: the head's result cast back to float32
+            y = self.dense(self.cast(features, half=True) if self.half else features, "head/",
+                           out=None if self.half else "logits")
             if self.half:
-                self.add("Cast", self.dense(self.cast(features, half=True), "head/"),
-                         to=tp.FLOAT, out="logits")
-            else:
-                self.dense(features, "head/", out="logits")
+                self.add("Cast", y, to=tp.FLOAT, out="logits")
             outputs.insert(0, helper.make_tensor_value_info("logits", tp.FLOAT,
                                                             ["batch", config.num_classes]))
         images = helper.make_tensor_value_info("images", tp.FLOAT, ["batch", size, size, 3])

@@ -119,7 +119,8 @@ def test_runtimes_match_numpy_backend(files, name, runtime):
     size = CONFIGS[name].image_size
     for batch in (1, 3):
         x = random_images(batch, size, seed=batch)
-        assert_outputs_close(RUNTIMES[runtime](files.onnx(name), x), ours(files.weights(name), x), TOL)
+        found = RUNTIMES[runtime](files.onnx(name), x)
+        assert_outputs_close(found, ours(files.weights(name), x), TOL)
 
 
 @pytest.mark.parametrize("runtime, batches", [("onnxruntime", (1, 3)),
@@ -130,7 +131,8 @@ def test_b16_matches_numpy_backend(files, runtime, batches):
     runs every other shape above."""
     for batch in batches:
         x = random_images(batch, 224, seed=batch)
-        assert_outputs_close(RUNTIMES[runtime](files.onnx("B/16"), x), ours(files.weights("B/16"), x), TOL)
+        found = RUNTIMES[runtime](files.onnx("B/16"), x)
+        assert_outputs_close(found, ours(files.weights("B/16"), x), TOL)
 
 
 @pytest.mark.parametrize("opset", [convert.ONNX_OPSET, 18, convert.GELU_OPSET])
@@ -274,7 +276,8 @@ def test_command_line_exports(files, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ONNX opset 20, float32 with int4 weights in groups of 32" in result.stdout
     x = random_images(1, 16, seed=8)
-    assert_outputs_close(run_onnxruntime(str(out), x), ours(files.weights("P4-C64", "int4"), x), TOL)
+    assert_outputs_close(run_onnxruntime(str(out), x), ours(files.weights("P4-C64", "int4"), x),
+                         TOL)
 
 
 def test_example_classifies_with_onnxruntime_alone(tmp_path):
@@ -282,8 +285,9 @@ def test_example_classifies_with_onnxruntime_alone(tmp_path):
     the classes that Mixer.classify names, with its probabilities."""
     npz, labels, out = labelled_export(tmp_path)
     image = os.path.join(REPO, "examples", "chelsea.jpg")
-    result = subprocess.run([sys.executable, "-I", os.path.join(REPO, "examples", "onnx_classify.py"),
-                             str(out), image], capture_output=True, text=True)
+    example = os.path.join(REPO, "examples", "onnx_classify.py")
+    result = subprocess.run([sys.executable, "-I", example, str(out), image],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = [line.split(None, 1) for line in result.stdout.splitlines()]
     model = mixer.load_npz(str(npz), backend="numpy", labels=str(labels))
@@ -312,14 +316,16 @@ def test_missing_onnx_is_one_line_and_npz_still_converts(tmp_path):
 
 REFUSALS = {
     "OUT is a folder": (lambda t, f: [f.weights("P4-C16"), t / "folder.onnx"], "is a folder"),
-    "OUT under a file": (lambda t, f: [f.weights("P4-C16"), t / "file" / "out.onnx"], "cannot write"),
+    "OUT under a file": (lambda t, f: [f.weights("P4-C16"), t / "file" / "out.onnx"],
+                         "cannot write"),
     "truncated IN": (lambda t, f: [t / "file", t / "out.onnx"], "truncated or corrupt"),
     "opset 16": (lambda t, f: [f.weights("P4-C16"), t / "out.onnx", "--opset", "16"], "from 17"),
     "--opset to safetensors": (lambda t, f: [t / "x.npz", t / "out.safetensors", "--opset", "20"],
                                "goes with an ONNX output"),
     "--dtype int8 to onnx": (lambda t, f: [f.weights("P4-C16"), t / "out.onnx", "--dtype", "int8"],
-                             "exports quantised as it is"),
-    "--group-size to onnx": (lambda t, f: [f.weights("P4-C16"), t / "out.onnx", "--group-size", "32"],
+                             "an int8/int4 .safetensors file exports quantised"),
+    "--group-size to onnx": (lambda t, f: [f.weights("P4-C16"), t / "out.onnx", "--group-size",
+                                           "32"],
                              "--group-size goes with"),
     "float16 of int8": (lambda t, f: [f.weights("P4-C64", "int8"), t / "out.onnx", "--dtype",
                                    "float16"], "drop --dtype float16"),
