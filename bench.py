@@ -13,7 +13,8 @@ shared machine slows them all alike; compare them as ratios. Measured:
     weights file's size;
   - training throughput for S/32, batch 32 (train.train_throughput; PyTorch doing the same step).
 PyTorch, when importable, runs the same forward (same weights, tanh GELU, eps 1e-6) as a
-reference; it is never a dependency of the library.
+reference; it is never a dependency of the library. onnxruntime, when onnx and onnxruntime are
+importable, runs the same weights exported by `convert.py IN OUT.onnx`, as one more row.
 """
 
 from __future__ import annotations
@@ -172,8 +173,12 @@ def worker(backend, variant, options):
     max_call_seconds = options["max_call_seconds"]
     inputs, skipped, unusable = {}, {}, None
     try:
-        model = (mixer.load(options["weights"], backend=backend) if options.get("weights") else
-                 build_model(config, backend, options["dtype"], options["torch_device"]))
+        if backend == "onnxruntime":
+            model = onnxruntime_model(config, options)
+        elif options.get("weights"):
+            model = mixer.load(options["weights"], backend=backend)
+        else:
+            model = build_model(config, backend, options["dtype"], options["torch_device"])
     except mixer.MixerError as e:
         unusable = str(e)
     for line in sys.stdin:
@@ -200,6 +205,24 @@ def worker(backend, variant, options):
             answer = {"seconds": time_call(model, x, cmd["seconds"]),
                       "logits": model(x[:1])[0].tolist() if bs == 1 else None}
         print(json.dumps(answer), flush=True)
+
+
+def onnxruntime_model(config, options):
+    """The worker's weights (options["weights"], else build_model's) exported by
+    convert.export_onnx and run by onnxruntime with its default, all graph optimisations: a
+    callable images -> logits."""
+    import onnxruntime
+
+    import convert
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = options.get("weights")
+        if not weights:
+            weights = os.path.join(tmp, "model.safetensors")
+            build_model(config, "numpy").save(weights)
+        path = os.path.join(tmp, "model.onnx")
+        convert.export_onnx(weights, path, dtype=options["dtype"])
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["logits"], {"images": x})[0]
 
 
 class Worker:
@@ -691,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per backend per round")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--no-onnxruntime", action="store_true",
+                        help="skip onnxruntime on the ONNX export (run when onnx and onnxruntime "
+                             "are installed)")
     parser.add_argument("--dtype", choices=mixer.COMPUTE_DTYPES, default="float32",
                         help="compute dtype of the inference runs, PyTorch's too (numpy: float32 "
                              "only, so skipped otherwise)")
@@ -753,10 +779,13 @@ def main(argv=None):
     backends = args.backends or [b for b in mixer.BACKENDS
                                  if b == "numpy" or mixer.installed(b)]
     use_torch = not args.no_torch and torch_available()
+    use_onnxruntime = not args.no_onnxruntime and mixer.installed("onnx") \
+        and mixer.installed("onnxruntime")
     import platform
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "cpus": os.cpu_count(), "python": platform.python_version(),
                "numpy": np.__version__, "backends": backends, "torch": use_torch,
+               "onnxruntime": use_onnxruntime,
                "default_backend": mixer.default_backend(), "DEV": os.environ.get("DEV"),
                "dtype": args.dtype, "torch_device": args.torch_device if use_torch else None}
     # OpenBLAS's kernels decide the GEMM speed of numpy (and of MLX on Linux); an environment
@@ -780,7 +809,8 @@ def main(argv=None):
 
     inference = []
     for variant in args.variants:
-        inference += bench_inference(variant, backends + ["torch"] * use_torch,
+        inference += bench_inference(variant, backends + ["onnxruntime"] * use_onnxruntime
+                                     + ["torch"] * use_torch,
                                      args.batch_sizes, args.rounds, args.seconds,
                                      {"max_call_seconds": args.max_call_seconds,
                                       "dtype": args.dtype, "torch_device": args.torch_device})
