@@ -321,7 +321,7 @@ class _Ops:
                     "layout": w.layout, "shape": w.shape}
 
     def mlp(self, x, kernel_0, bias_0, kernel_1, bias_1):
-        return self.dense(self._gelu(self.dense(x, kernel_0, bias_0)), kernel_1, bias_1)
+        return self.dense(self.gelu(self.dense(x, kernel_0, bias_0)), kernel_1, bias_1)
 
 
 class NumpyOps(_Ops):
@@ -482,7 +482,8 @@ class MlxOps(_Ops):
         return self.mx.fast.layer_norm(x, scale, bias, LN_EPS)
 
     @staticmethod
-    def _gelu(x):
+    def gelu(x):
+        """The tanh GELU (train.py's MlxTrainingOps replaces it with one of a lighter backward)."""
         # the tanh GELU as x / (1 + exp(-2 GELU_C u)): MLX's CPU transcendentals are scalar and
         # exp is the faster one. Capped at 80 so that exp stays finite (inf * 0 = nan gradients).
         import mlx.core as mx
@@ -660,7 +661,8 @@ class TinygradOps(_Ops):
         return x.float().layernorm(axis=-1, eps=LN_EPS).cast(x.dtype) * scale + bias
 
     @staticmethod
-    def _gelu(x):
+    def gelu(x):
+        """The tanh GELU."""
         return gelu_tanh(x, lambda t: t.tanh())
 
     def device(self) -> str:

@@ -139,7 +139,7 @@ def _mlx_gelu_keeping_input():
 
     @mx.custom_function
     def gelu(x):
-        return mixer.MlxOps._gelu(x)
+        return mixer.MlxOps.gelu(x)
 
     @gelu.vjp
     def gelu_vjp(x, cotangent, output):
@@ -159,7 +159,7 @@ class MlxTrainingOps(mixer.MlxOps):
     Inference keeps MlxOps's own GELU: mx.compile does not fuse across a custom function."""
 
     @staticmethod
-    def _gelu(x):
+    def gelu(x):
         return _mlx_gelu_keeping_input()(x)
 
 
