@@ -1908,11 +1908,12 @@ def load(path: str, backend: str | None = None, dtype: str = "float32",
         if config is None and f.quantization is not None:
             raise MixerError(f"{name}: a quantised file needs the metadata 'mixer.config' (its "
                              f"tensors' shapes are packed): the file is damaged")
+        held = len(f.shapes())
         config = infer_config(f.shapes()) if config is None else MixerConfig.from_dict(config)
-        if 12 * config.num_blocks > len(f.shapes()):  # before listing what the config expects
+        if 12 * config.num_blocks > held:  # before listing what the config expects
             raise MixerError(f"{name}: metadata 'mixer.config' claims {config.num_blocks} "
-                             f"blocks (12 tensors each), the file holds {len(f.shapes())} "
-                             f"tensors: the file is damaged")
+                             f"blocks (12 tensors each), the file holds {held} tensors: the "
+                             f"file is damaged")
         if f.quantization is not None or target is not None:
             f = QuantizedReader(f, config, target)  # checks the shapes, packed ones included
         labels = _json_metadata(metadata, "mixer.labels", name, list)

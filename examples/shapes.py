@@ -9,7 +9,6 @@ and circle, ring and circle) differ only in detail at small sizes, so a small Mi
 reach 100%. That makes it a dataset on which a change to a trained model (quantised weights,
 another backend) shows in the validation top-1. The same seed writes the same files.
 """
-import argparse
 import math
 import os
 import sys
